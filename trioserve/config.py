@@ -1,0 +1,149 @@
+"""One settings object, from command-line flags and environment variables.
+
+Every flag has an environment variable; the old FastAPI server's names (``HF_MODEL``, ``HOTLOAD``,
+``TORCH_DTYPE``, ``ATTN_IMPLEMENTATION``, ``MAX_CONCURRENT``, ``PORT``) are kept so its users' docker
+commands and scripts keep working. A flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DType = Literal["auto", "bfloat16", "float16", "float32", "float64"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+
+
+class Settings(BaseModel):
+    """Everything the server is configured with. Field docs are the ``--help`` texts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(None, description="Hub id or local directory; unset serves the built-in demo")
+    served_model_name: str | None = Field(None, description="model id reported to clients (default: --model)")
+    hotload: bool = Field(False, description="load the model at startup instead of on the first request")
+    torch_dtype: DType = Field("auto", description="weights dtype (bnb-4bit: its compute dtype)")
+    attn_implementation: AttnImplementation = Field("auto", description="attention kernel")
+    device: Device = Field("auto", description="where the model runs")
+    quantization: Quantization = Field("none", description="bitsandbytes quantization (needs the extra)")
+    trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
+    max_concurrent: int = Field(16, ge=1, description="requests generating at once")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot; past it: 429")
+    max_batch_size: int | None = Field(None, ge=1, description="sequences per decode pass (1: no batching)")
+    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(7088, ge=0, le=65535, description="port to listen on")
+    certfile: str | None = Field(None, description="TLS certificate (enables HTTPS with HTTP/2 via ALPN)")
+    keyfile: str | None = Field(None, description="TLS private key")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("--certfile and --keyfile must be given together")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per decode pass: ``max_batch_size``, bounded by ``max_concurrent``."""
+        return min(self.max_batch_size or self.max_concurrent, self.max_concurrent)
+
+
+# (field, environment variable, extra flag spellings). The first spelling is --field-name.
+_ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "model": ("HF_MODEL", "MODEL"),
+    "served_model_name": ("SERVED_MODEL_NAME",),
+    "hotload": ("HOTLOAD",),
+    "torch_dtype": ("TORCH_DTYPE",),
+    "attn_implementation": ("ATTN_IMPLEMENTATION",),
+    "device": ("DEVICE",),
+    "quantization": ("QUANTIZATION",),
+    "trust_remote_code": ("TRUST_REMOTE_CODE",),
+    "max_concurrent": ("MAX_CONCURRENT",),
+    "max_queue": ("MAX_QUEUE",),
+    "max_batch_size": ("MAX_BATCH_SIZE",),
+    "prefill_chunk": ("PREFILL_CHUNK",),
+    "host": ("HOST",),
+    "port": ("PORT",),
+    "certfile": ("SSL_CERTFILE",),
+    "keyfile": ("SSL_KEYFILE",),
+    "log_level": ("LOG_LEVEL",),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names the flag and the environment variable."""
+
+
+def env_name(field: str) -> str:
+    """The primary environment variable of a settings field."""
+    return _ENV_NAMES[field][0]
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}={text!r} is not a boolean (use true or false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag's default comes from the environment (see `load_settings`)."""
+    parser = argparse.ArgumentParser(
+        prog="trioserve",
+        description="OpenAI-compatible server for Hugging Face transformers causal LMs.",
+        epilog="Every flag can also be set by the environment variable shown in brackets.",
+    )
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [{env_name(name)}; default: {info.default}]"
+        if info.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Reads settings from flags, then environment variables, then defaults.
+
+    Raises:
+        ConfigError: a value is malformed or out of range; the message names the flag.
+    """
+    environ = os.environ if environ is None else environ
+    parsed = vars(build_parser().parse_args(argv))
+    values: dict[str, object] = {}
+    for name, info in Settings.model_fields.items():
+        value = parsed.get(name)
+        if value is None:
+            for env in _ENV_NAMES[name]:
+                if env in environ:
+                    value = environ[env]
+                    break
+        if value is None:
+            continue
+        if info.annotation is bool and isinstance(value, str):
+            value = _parse_bool(value, env_name(name))
+        if isinstance(value, str) and value.strip() == "" and info.default is None:
+            continue
+        values[name] = value
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = f"--{field.replace('_', '-')} / {env_name(field)}" if field in _ENV_NAMES else "settings"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,351 @@
+"""The trio side of generation: the step loop, per-request token streams, and cancellation bookkeeping.
+
+One task (`Engine.run`, started with ``nursery.start`` by the app's lifespan) owns the runner. Each step it
+asks the scheduler for a plan and runs it with ``trio.to_thread.run_sync(runner.step, ...)`` behind the
+device's `CapacityLimiter`, so the event loop keeps serving I/O and noticing disconnects while the model
+computes. Requests enter through `Engine.generate`, an async context manager: whatever ends the request's
+scope (done, stop string, error, disconnect, deadline, drain) runs the same synchronous release.
+
+Invariant: the runner is touched by one party at a time. While a step runs in its thread, releases are
+queued and applied the moment it returns, before its results are delivered and before the next step is
+planned; otherwise they are applied at once. So a released sequence's KV never reaches another forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
+from trioserve.scheduler import Phase, QueueFull, Scheduler
+from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToken, StepOutput, StepPlan, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What the engine remembers of a finished request (a bounded history, for /health and tests)."""
+
+    request_id: str
+    forward_passes: int
+    generated: int
+    outcome: str  # a FinishReason value; "error"; or "closed": the request left before the sequence ended
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    request: GenerationRequest
+    send: trio.MemorySendChannel[TokenEvent | TrioserveError]
+    generated: int = 0
+    forward_passes: int = 0
+    outcome: str | None = None  # set once the sequence has left the engine
+
+
+class TokenStream:
+    """A request's handle on its sequence: async-iterate it for `TokenEvent`s; close it to release.
+
+    Closing is synchronous and idempotent, and it is the whole of cancellation: the sequence leaves the
+    queue or the batch, its KV is dropped (after the step in flight, if any), its slot goes to the next
+    waiter. Use it as a context manager so every exit path closes it.
+
+    Raises from iteration:
+        GenerationFailed: the forward pass carrying this sequence failed.
+    """
+
+    def __init__(
+        self,
+        sequence: _Sequence,
+        receive: trio.MemoryReceiveChannel[TokenEvent | TrioserveError],
+        leave: Callable[[_Sequence, str], bool],
+    ) -> None:
+        self._sequence = sequence
+        self._receive = receive
+        self._leave = leave
+
+    @property
+    def request_id(self) -> str:
+        return self._sequence.request.request_id
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes that carried this sequence so far."""
+        return self._sequence.forward_passes
+
+    @property
+    def finished(self) -> bool:
+        return self._sequence.outcome is not None
+
+    def close(self) -> bool:
+        """Releases the sequence; True if it was still live (i.e. this call cut it short)."""
+        self._receive.close()
+        return self._leave(self._sequence, "closed")
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(item, TrioserveError):
+            raise item
+        return item
+
+
+class Engine:
+    """Owns the runner and every sequence in flight.
+
+    Args:
+        load_runner: builds the runner (blocking; run in a thread). Called once, at startup with
+            ``hotload`` or on the first request otherwise.
+        max_concurrent: requests generating at once.
+        max_queue: requests waiting for a slot; past it `generate` raises `Overloaded`.
+        batch_size: sequences per decode pass (capped by the runner's own limit).
+        prefill_chunk: prompt tokens per prefill step.
+        hotload: load the runner in `run` before reporting started.
+        limiter: the device's limiter; every forward pass holds a token of it.
+    """
+
+    def __init__(
+        self,
+        load_runner: Callable[[], Runner],
+        *,
+        max_concurrent: int,
+        max_queue: int,
+        batch_size: int,
+        prefill_chunk: int = 512,
+        hotload: bool = True,
+        limiter: trio.CapacityLimiter | None = None,
+        history: int = 1024,
+    ) -> None:
+        self._load_runner = load_runner
+        self._max_concurrent = max_concurrent
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._prefill_chunk = prefill_chunk
+        self._hotload = hotload
+        self.limiter = limiter if limiter is not None else trio.CapacityLimiter(1)
+        self.runner: Runner | None = None
+        self.load_error: BaseException | None = None
+        self._loaded = trio.Event()
+        self._loading = False
+        self._scheduler: Scheduler | None = None
+        self._sequences: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
+        self._wakeup = trio.Event()
+        self._step_in_flight: StepPlan | None = None
+        self._deferred_releases: list[int] = []
+        self._nursery: trio.Nursery | None = None
+        self.steps = 0
+        self.history: deque[RequestRecord] = deque(maxlen=history)
+
+    # -- state for /health and metrics ----------------------------------------------------------------
+
+    @property
+    def loading(self) -> bool:
+        return self._loading
+
+    @property
+    def running(self) -> int:
+        return self._scheduler.running if self._scheduler is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        if self._scheduler is None:
+            return len(self._sequences)
+        return self._scheduler.waiting
+
+    @property
+    def active(self) -> int:
+        """Requests that hold a place in the engine (running or waiting)."""
+        return len(self._sequences)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Loads the runner (with ``hotload``), reports started, then runs steps until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self._hotload:
+                await self._load()
+                if self.load_error is not None:
+                    raise self.load_error
+            task_status.started()
+            await self._loaded.wait()
+            if self.runner is not None:
+                await self._step_loop(self.runner)
+
+    async def _load(self) -> None:
+        self._loading = True
+        try:
+            runner = await trio.to_thread.run_sync(self._load_runner, limiter=self.limiter)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self.load_error = exc
+        else:
+            self.runner = runner
+            batch_size = min(self._batch_size, runner.max_batch_size)
+            self._scheduler = Scheduler(
+                max_running=self._max_concurrent,
+                max_waiting=self._max_queue,
+                batch_size=batch_size,
+                prefill_chunk=self._prefill_chunk,
+            )
+            logger.info("model %s ready (batch size %d)", runner.model_id, batch_size)
+        finally:
+            self._loading = False
+            self._loaded.set()
+
+    async def ensure_loaded(self) -> Runner:
+        """Returns the runner, loading it first if this is the first request (once, however many ask).
+
+        Raises:
+            Unavailable: the model failed to load.
+        """
+        if self.runner is None and self.load_error is None and not self._loading:
+            assert self._nursery is not None, "Engine.run has not started"
+            self._loading = True
+            self._nursery.start_soon(self._load)
+        await self._loaded.wait()
+        if self.runner is None:
+            raise Unavailable(f"the model failed to load: {self.load_error}")
+        return self.runner
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Admits a request (FIFO) and returns its token stream. Synchronous: the caller decides on the
+        response status knowing whether there was room.
+
+        Raises:
+            Overloaded: every slot and queue place is taken.
+            Unavailable: the model is not loaded (call `ensure_loaded` first).
+        """
+        if self._scheduler is None:
+            raise Unavailable("the model is not loaded")
+        seq_id = next(self._ids)
+        try:
+            self._scheduler.submit(seq_id, request)
+        except QueueFull:
+            raise Overloaded(
+                f"the server is at capacity ({self._scheduler.max_running} running, "
+                f"{self._scheduler.max_waiting} queued); retry later",
+            ) from None
+        send, receive = trio.open_memory_channel[TokenEvent | TrioserveError](math.inf)
+        sequence = _Sequence(seq_id, request, send)
+        self._sequences[seq_id] = sequence
+        self._wakeup.set()
+        return TokenStream(sequence, receive, self._leave)
+
+    @asynccontextmanager
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStream]:
+        """`ensure_loaded`, `submit`, and a close on the way out, whatever the way out."""
+        await self.ensure_loaded()
+        with self.submit(request) as stream:
+            yield stream
+
+    def _leave(self, sequence: _Sequence, outcome: str) -> bool:
+        """The one way out of the engine for a sequence; False if it had already left. Synchronous, so it
+        runs to completion even inside a cancelled scope."""
+        if sequence.outcome is not None:
+            return False
+        sequence.outcome = outcome
+        del self._sequences[sequence.seq_id]
+        sequence.send.close()
+        assert self._scheduler is not None
+        phase = self._scheduler.remove(sequence.seq_id)
+        if phase is not None and phase is not Phase.WAITING:
+            self._release(sequence.seq_id)
+        self.history.append(
+            RequestRecord(sequence.request.request_id, sequence.forward_passes, sequence.generated, outcome)
+        )
+        self._wakeup.set()  # a slot or a queue place is free
+        return True
+
+    def _release(self, seq_id: int) -> None:
+        if self._step_in_flight is not None:
+            self._deferred_releases.append(seq_id)
+        else:
+            assert self.runner is not None
+            self.runner.release(seq_id)
+
+    # -- the step loop --------------------------------------------------------------------------------
+
+    async def _step_loop(self, runner: Runner) -> None:
+        assert self._scheduler is not None
+        while True:
+            plan = self._scheduler.plan()
+            if not plan:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            for seq_id in plan.seq_ids():
+                self._sequences[seq_id].forward_passes += 1
+            self._step_in_flight = plan
+            self.steps += 1
+            try:
+                output = await trio.to_thread.run_sync(runner.step, plan, limiter=self.limiter)
+            except Exception as exc:
+                self._apply_deferred_releases(runner)
+                self._fail(plan, exc)
+                continue
+            self._apply_deferred_releases(runner)
+            self._deliver(plan, output, runner)
+
+    def _apply_deferred_releases(self, runner: Runner) -> None:
+        self._step_in_flight = None
+        releases, self._deferred_releases = self._deferred_releases, []
+        for seq_id in releases:
+            runner.release(seq_id)
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+        """A step raised: only the sequences it carried fail; the engine goes on with the rest."""
+        logger.error("forward pass failed for %d sequence(s): %r", len(plan.seq_ids()), exc)
+        error = exc if isinstance(exc, TrioserveError) else GenerationFailed(f"generation failed: {exc}")
+        for seq_id in plan.seq_ids():
+            sequence = self._sequences.get(seq_id)
+            if sequence is not None:
+                sequence.send.send_nowait(error)
+                self._leave(sequence, "error")
+
+    def _deliver(self, plan: StepPlan, output: StepOutput, runner: Runner) -> None:
+        assert self._scheduler is not None
+        if plan.prefill is not None:
+            self._scheduler.prefilled(plan.prefill)
+        for seq_id, token in output.tokens.items():
+            sequence = self._sequences.get(seq_id)
+            if sequence is None:
+                continue  # it left while the step ran: the result is discarded, its rows already dropped
+            sequence.generated += 1
+            finish = self._finish_reason(sequence, token, runner)
+            sequence.send.send_nowait(TokenEvent(token, finish))
+            if finish is not None:
+                self._leave(sequence, finish.value)
+
+    @staticmethod
+    def _finish_reason(sequence: _Sequence, token: SampledToken, runner: Runner) -> FinishReason | None:
+        params = sequence.request.params
+        if token.token_id in runner.eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP
+        if sequence.generated >= params.max_tokens:
+            return FinishReason.LENGTH
+        if len(sequence.request.prompt_ids) + sequence.generated >= runner.max_context:
+            return FinishReason.LENGTH
+        return None
+

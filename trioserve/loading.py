@@ -1,0 +1,139 @@
+"""From settings to a ready `TransformersRunner`: device, dtype, attention kernel, quantization, weights.
+
+Every choice the hardware cannot honour fails here, at startup, with a message that names the setting and
+the way out, rather than deep inside the first forward pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from trioserve.config import ConfigError, Settings
+from trioserve.runner import TransformersRunner
+from trioserve.tinymodel import DEMO_MODEL_ID, build_model, build_tokenizer
+from trioserve.tokenization import ChatTokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA GPU is visible to torch; use DEVICE=cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        bf16_ok = major >= 8
+        if requested == "bfloat16" and not bf16_ok:
+            raise ConfigError(
+                f"TORCH_DTYPE=bfloat16 needs a GPU of compute capability 8.0 or newer; this one is "
+                f"{major}.{minor}. Use TORCH_DTYPE=float16 (or auto)."
+            )
+        if requested == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+    elif requested == "auto":
+        return torch.float32
+    return _DTYPES[requested]
+
+
+def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` takes flash-attn when it can run, else SDPA; naming flash_attention_2 makes it a must."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    flash_ok = has_flash and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if requested == "flash_attention_2" and not flash_ok:
+        if not has_flash:
+            why = "the flash-attn package is not installed (pip install 'trioserve[flash-attn]', CUDA only)"
+        elif device.type != "cuda":
+            why = "it runs only on a CUDA GPU"
+        else:
+            why = "it needs TORCH_DTYPE=bfloat16 or float16"
+        raise ConfigError(f"ATTN_IMPLEMENTATION=flash_attention_2 cannot be used: {why}. Use sdpa or auto.")
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    return requested
+
+
+def _quantization_config(settings: Settings, device: torch.device, dtype: torch.dtype) -> object | None:
+    if settings.quantization == "none":
+        return None
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"QUANTIZATION={settings.quantization} needs a CUDA GPU and bitsandbytes "
+            "(pip install 'trioserve[bnb]')"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantization == "bnb-4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: ChatTokenizer) -> frozenset[int]:
+    """Every EOS id the generation config names, plus the tokenizer's own."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.hf.eos_token_id is not None:
+        ids.add(int(tokenizer.hf.eos_token_id))
+    return frozenset(ids)
+
+
+def load_runner(settings: Settings) -> TransformersRunner:
+    """Loads the model named by the settings (or builds the demo) and wraps it in a runner.
+
+    Raises:
+        ConfigError: the settings ask for something this machine or install cannot do.
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.torch_dtype, device)
+    attention = resolve_attention(settings.attn_implementation, device, dtype)
+    if settings.model is None:
+        logger.warning(
+            "no model named: serving the built-in demo '%s', a tiny model with RANDOM weights (its output is "
+            "noise). Name a real one with --model or HF_MODEL=<hub id or local directory>.",
+            DEMO_MODEL_ID,
+        )
+        hf_tokenizer = build_tokenizer()
+        model = build_model(hf_tokenizer, dtype=dtype)
+        torch.nn.Module.to(model, device=device)
+        model_id = DEMO_MODEL_ID
+    else:
+        logger.info("loading %s (%s, %s, attention=%s)", settings.model, device, dtype, attention)
+        quantization = _quantization_config(settings, device, dtype)
+        hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.model,
+            dtype=dtype,
+            attn_implementation=attention,
+            quantization_config=quantization,
+            device_map=str(device) if quantization is not None else None,
+            trust_remote_code=settings.trust_remote_code,
+        )
+        if quantization is None:
+            torch.nn.Module.to(model, device=device)
+        torch.nn.Module.eval(model)
+        model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
+    tokenizer = ChatTokenizer(hf_tokenizer)
+    return TransformersRunner(
+        model,
+        tokenizer,
+        model_id=settings.served_model_name or model_id,
+        max_batch_size=settings.batch_size,
+        eos_token_ids=_eos_ids(model, tokenizer),
+    )

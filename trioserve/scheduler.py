@@ -1,0 +1,121 @@
+"""Admission and step planning: pure, synchronous policy. No trio, no torch.
+
+States of a sequence, and why each exists::
+
+    WAITING     admitted to the bounded FIFO queue; holds no KV and no slot
+    PREFILLING  holds a slot; its prompt goes through the model one chunk per step, so one long prompt
+                never holds the running batch (or a cancellation) for more than a chunk
+    DECODING    holds a slot and KV; decoded every step with the whole batch (or in turn, one per step,
+                when the model cannot be batched)
+
+A sequence leaves from any state through `remove`, which is all the bookkeeping a cancellation needs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from trioserve.types import GenerationRequest, PrefillChunk, StepPlan
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+
+
+@dataclass(eq=False)
+class Entry:
+    seq_id: int
+    request: GenerationRequest
+    phase: Phase = Phase.WAITING
+    prefilled: int = 0  # prompt tokens already run through the model
+
+
+class QueueFull(Exception):
+    """Raised by `Scheduler.submit` when every slot and every queue place is taken."""
+
+
+class Scheduler:
+    """Decides, at each step boundary, who runs and what the next forward pass does.
+
+    Args:
+        max_running: sequences holding a slot (prefilling or decoding) at once.
+        max_waiting: sequences queued for a slot; past it `submit` raises `QueueFull`.
+        batch_size: sequences per decode pass; 1 decodes the running sequences in turn.
+        prefill_chunk: prompt tokens per prefill step.
+    """
+
+    def __init__(self, *, max_running: int, max_waiting: int, batch_size: int, prefill_chunk: int) -> None:
+        self.batch_size = batch_size
+        # With a shared batch, a slot is a row of it; one-per-pass mode interleaves up to max_running.
+        self.max_running = max_running if batch_size == 1 else min(max_running, batch_size)
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self._waiting: OrderedDict[int, Entry] = OrderedDict()
+        self._running: OrderedDict[int, Entry] = OrderedDict()
+        self._turn = 0  # one-per-pass mode: index of the next sequence to decode
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def phase(self, seq_id: int) -> Phase | None:
+        entry = self._running.get(seq_id) or self._waiting.get(seq_id)
+        return entry.phase if entry is not None else None
+
+    def queue_position(self, seq_id: int) -> int | None:
+        """0 for the head of the queue; None when not waiting."""
+        for position, queued in enumerate(self._waiting):
+            if queued == seq_id:
+                return position
+        return None
+
+    def submit(self, seq_id: int, request: GenerationRequest) -> None:
+        """Queues a sequence (FIFO).
+
+        Raises:
+            QueueFull: all ``max_running`` slots and ``max_waiting`` places are taken.
+        """
+        if self.running + self.waiting >= self.max_running + self.max_waiting:
+            raise QueueFull
+        self._waiting[seq_id] = Entry(seq_id, request)
+
+    def remove(self, seq_id: int) -> Phase | None:
+        """Forgets a sequence wherever it is; returns the phase it was in (None: unknown)."""
+        entry = self._waiting.pop(seq_id, None) or self._running.pop(seq_id, None)
+        return entry.phase if entry is not None else None
+
+    def plan(self) -> StepPlan:
+        """Admits waiters into free slots, then plans the next step (empty: nothing to do)."""
+        while self._waiting and self.running < self.max_running:
+            _, entry = self._waiting.popitem(last=False)
+            entry.phase = Phase.PREFILLING
+            self._running[entry.seq_id] = entry
+        prefill = None
+        for entry in self._running.values():
+            if entry.phase is Phase.PREFILLING:
+                end = min(entry.prefilled + self.prefill_chunk, len(entry.request.prompt_ids))
+                prefill = PrefillChunk(entry.seq_id, entry.request, entry.prefilled, end)
+                break
+        decoding = tuple(e.seq_id for e in self._running.values() if e.phase is Phase.DECODING)
+        if self.batch_size == 1 and decoding:
+            self._turn %= len(decoding)
+            decoding = (decoding[self._turn],)
+            self._turn += 1
+        return StepPlan(prefill=prefill, decode=decoding)
+
+    def prefilled(self, chunk: PrefillChunk) -> None:
+        """Records that ``chunk`` ran; after the last chunk the sequence decodes from the next step on."""
+        entry = self._running.get(chunk.seq_id)
+        if entry is None:
+            return
+        entry.prefilled = chunk.end
+        if chunk.is_last:
+            entry.phase = Phase.DECODING

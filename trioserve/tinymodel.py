@@ -1,0 +1,117 @@
+"""A tiny random-weight chat model built offline, in-process.
+
+It backs the demo server (no model named), the tests, and the benchmark's larger shape. The tokenizer is
+byte-level BPE, so every UTF-8 string round-trips, and it carries a ChatML template, so the serving path is
+the same as for a real instruct model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerFast
+
+DEMO_MODEL_ID = "trioserve-tiny-random"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Text the benchmark's tokenizer learns its merges from: plain English prose, enough for a 16k vocabulary
+# to hold real words, so prompts tokenize to realistic lengths.
+_CORPUS_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no what up out about who them "
+    "model token server request stream cache batch cancel scope nursery thread limiter deadline drain queue "
+    "hello world malaysia good people food weather city river mountain language history science music"
+).split()
+
+
+def build_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerBase:
+    """Builds a byte-level BPE tokenizer with a ChatML template.
+
+    Args:
+        vocab_size: 0 for the 256 bytes alone (plus special tokens); larger to train merges on a small
+            synthetic corpus up to about that size.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size, len(alphabet) + len(SPECIAL_TOKENS)),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    corpus = (
+        " ".join(_CORPUS_WORDS[int(i)] for i in torch.randint(len(_CORPUS_WORDS), (200,), generator=generator))
+        for _ in range(2000 if vocab_size else 1)
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Builds a random-weight Llama sized to the tokenizer. Deterministic for a given seed."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    torch.nn.Module.to(model, dtype=dtype)
+    torch.nn.Module.eval(model)
+    return model
+
+
+def save_tiny_model(path: Path, *, vocab_size: int = 0, **shape: Any) -> Path:
+    """Builds the tiny model and saves it, tokenizer included, as a local `from_pretrained` directory."""
+    tokenizer = build_tokenizer(vocab_size)
+    model = build_model(tokenizer, **shape)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

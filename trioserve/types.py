@@ -1,0 +1,176 @@
+"""Internal messages between the layers: frozen dataclasses, and the `Runner` Protocol the engine drives.
+
+Nothing here imports torch, transformers or trio, so both sides of the seam can be faked in tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped producing tokens. The values are OpenAI's ``finish_reason`` strings."""
+
+    STOP = "stop"  # an EOS token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the model's context is full
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. Defaults are OpenAI's."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # Hugging Face semantics: >1 discourages tokens already seen
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate: prompt token ids after the chat template, and how to sample."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """What a forward pass produced for one sequence."""
+
+    token_id: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """A token handed to the request that owns the sequence; ``finish_reason`` is set on the last one."""
+
+    token: SampledToken
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Part of a prompt to run through the model: ``prompt_ids[start:end]`` of ``request``.
+
+    The runner creates the sequence's state at ``start == 0`` and samples its first token when
+    ``end == len(prompt_ids)``.
+    """
+
+    seq_id: int
+    request: GenerationRequest
+    start: int
+    end: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == len(self.request.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One trip to the device: at most one prefill chunk, then one decode pass over ``decode``.
+
+    ``decode`` lists every sequence that has finished prefill and is still live (batched mode), or one of
+    them (one-request-per-pass mode).
+    """
+
+    prefill: PrefillChunk | None = None
+    decode: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.prefill is not None or bool(self.decode)
+
+    def seq_ids(self) -> tuple[int, ...]:
+        head = (self.prefill.seq_id,) if self.prefill is not None else ()
+        return head + self.decode
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """Tokens produced by a step, by sequence id (prefills that have not reached their end produce none)."""
+
+    tokens: Mapping[int, SampledToken]
+
+
+class Runner(Protocol):
+    """The synchronous model side. The engine calls ``step`` in a worker thread and every other method on
+    the event loop, never both at once, so implementations need no locks.
+    """
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def max_context(self) -> int:
+        """Prompt plus generated tokens a sequence may hold."""
+        ...
+
+    @property
+    def max_batch_size(self) -> int:
+        """How many sequences one decode pass can carry (1: the model cannot be batched)."""
+        ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Runs one forward pass (plus a prefill chunk); called from a worker thread."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forgets a sequence. Cheap, on the event loop: the sequence's own cache is dropped at once and its
+        rows in a shared batch are compacted away at the start of the next ``step``, before its forward pass.
+        Unknown ids are ignored.
+        """
+        ...
+
+    def live_sequences(self) -> int:
+        """Sequences whose KV the runner still holds (released rows awaiting compaction not counted)."""
+        ...
+
+
+class Detokenizer(Protocol):
+    """Token ids in, text deltas out, never splitting a UTF-8 character."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Tokenizer(Protocol):
+    """What serving needs of a tokenizer; satisfied by `tokenization.ChatTokenizer`."""
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer: ...
