@@ -17,17 +17,30 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
-from trioserve.scheduler import Phase, QueueFull, Scheduler
+from trioserve.scheduler import Entry, Phase, QueueFull, Scheduler
 from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToken, StepOutput, StepPlan, TokenEvent
 
 logger = logging.getLogger(__name__)
+
+
+Offload = Callable[[Callable[[StepPlan], StepOutput], StepPlan, trio.CapacityLimiter], Awaitable[StepOutput]]
+
+
+async def run_in_thread(
+    step: Callable[[StepPlan], StepOutput], plan: StepPlan, limiter: trio.CapacityLimiter
+) -> StepOutput:
+    """How a step reaches the device: a worker thread holding a token of the device's limiter.
+
+    Not cancellable once started (a forward pass cannot be interrupted); the engine accounts for that.
+    """
+    return await trio.to_thread.run_sync(step, plan, limiter=limiter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,7 @@ class _Sequence:
     generated: int = 0
     forward_passes: int = 0
     outcome: str | None = None  # set once the sequence has left the engine
+    release_pending: bool = False  # left during a step; the runner forgets it when that step returns
 
 
 class TokenStream:
@@ -65,11 +79,11 @@ class TokenStream:
         self,
         sequence: _Sequence,
         receive: trio.MemoryReceiveChannel[TokenEvent | TrioserveError],
-        leave: Callable[[_Sequence, str], bool],
+        engine: Engine,
     ) -> None:
         self._sequence = sequence
         self._receive = receive
-        self._leave = leave
+        self._engine = engine
 
     @property
     def request_id(self) -> str:
@@ -84,16 +98,30 @@ class TokenStream:
     def finished(self) -> bool:
         return self._sequence.outcome is not None
 
-    def close(self) -> bool:
-        """Releases the sequence; True if it was still live (i.e. this call cut it short)."""
-        self._receive.close()
-        return self._leave(self._sequence, "closed")
+    @property
+    def released(self) -> bool:
+        """True once the runner holds nothing of this sequence."""
+        return self.finished and not self._sequence.release_pending
 
-    def __enter__(self) -> TokenStream:
+    def close(self) -> bool:
+        """Releases the sequence; True if it was still live (i.e. this call cut it short).
+
+        If a step carrying the sequence is running, its KV is dropped the moment that step returns; use
+        ``async with`` (or `aclose`) to also wait for that.
+        """
+        self._receive.close()
+        return self._engine._leave(self._sequence, "closed")
+
+    async def aclose(self) -> None:
+        """`close`, then wait until the KV is actually gone (at most the rest of one step; shielded)."""
+        self.close()
+        await self._engine._wait_released(self._sequence)
+
+    async def __aenter__(self) -> TokenStream:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -120,6 +148,8 @@ class Engine:
         prefill_chunk: prompt tokens per prefill step.
         hotload: load the runner in `run` before reporting started.
         limiter: the device's limiter; every forward pass holds a token of it.
+        offload: how a step is run off the event loop (tests pass one that takes virtual time).
+        history: how many finished requests `history` remembers.
     """
 
     def __init__(
@@ -132,6 +162,7 @@ class Engine:
         prefill_chunk: int = 512,
         hotload: bool = True,
         limiter: trio.CapacityLimiter | None = None,
+        offload: Offload = run_in_thread,
         history: int = 1024,
     ) -> None:
         self._load_runner = load_runner
@@ -141,6 +172,7 @@ class Engine:
         self._prefill_chunk = prefill_chunk
         self._hotload = hotload
         self.limiter = limiter if limiter is not None else trio.CapacityLimiter(1)
+        self._offload = offload
         self.runner: Runner | None = None
         self.load_error: BaseException | None = None
         self._loaded = trio.Event()
@@ -150,7 +182,8 @@ class Engine:
         self._ids = itertools.count()
         self._wakeup = trio.Event()
         self._step_in_flight: StepPlan | None = None
-        self._deferred_releases: list[int] = []
+        self._deferred_releases: list[_Sequence] = []
+        self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.steps = 0
         self.history: deque[RequestRecord] = deque(maxlen=history)
@@ -251,13 +284,13 @@ class Engine:
         sequence = _Sequence(seq_id, request, send)
         self._sequences[seq_id] = sequence
         self._wakeup.set()
-        return TokenStream(sequence, receive, self._leave)
+        return TokenStream(sequence, receive, self)
 
     @asynccontextmanager
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStream]:
         """`ensure_loaded`, `submit`, and a close on the way out, whatever the way out."""
         await self.ensure_loaded()
-        with self.submit(request) as stream:
+        async with self.submit(request) as stream:
             yield stream
 
     def _leave(self, sequence: _Sequence, outcome: str) -> bool:
@@ -269,21 +302,33 @@ class Engine:
         del self._sequences[sequence.seq_id]
         sequence.send.close()
         assert self._scheduler is not None
-        phase = self._scheduler.remove(sequence.seq_id)
-        if phase is not None and phase is not Phase.WAITING:
-            self._release(sequence.seq_id)
+        entry = self._scheduler.remove(sequence.seq_id)
+        if entry is not None and self._runner_holds(entry):
+            self._release(sequence)
         self.history.append(
             RequestRecord(sequence.request.request_id, sequence.forward_passes, sequence.generated, outcome)
         )
         self._wakeup.set()  # a slot or a queue place is free
         return True
 
-    def _release(self, seq_id: int) -> None:
+    def _runner_holds(self, entry: Entry) -> bool:
+        """Whether the runner has (or, mid-step, may be creating) state for this sequence."""
+        in_flight = self._step_in_flight is not None and entry.seq_id in self._step_in_flight.seq_ids()
+        return entry.phase is Phase.DECODING or entry.prefilled > 0 or in_flight
+
+    def _release(self, sequence: _Sequence) -> None:
         if self._step_in_flight is not None:
-            self._deferred_releases.append(seq_id)
+            # The runner belongs to the step's thread until it returns; the step loop applies this then.
+            sequence.release_pending = True
+            self._deferred_releases.append(sequence)
         else:
             assert self.runner is not None
-            self.runner.release(seq_id)
+            self.runner.release(sequence.seq_id)
+
+    async def _wait_released(self, sequence: _Sequence) -> None:
+        with trio.CancelScope(shield=True):
+            while sequence.release_pending:
+                await self._step_done.wait()
 
     # -- the step loop --------------------------------------------------------------------------------
 
@@ -300,7 +345,7 @@ class Engine:
             self._step_in_flight = plan
             self.steps += 1
             try:
-                output = await trio.to_thread.run_sync(runner.step, plan, limiter=self.limiter)
+                output = await self._offload(runner.step, plan, self.limiter)
             except Exception as exc:
                 self._apply_deferred_releases(runner)
                 self._fail(plan, exc)
@@ -311,8 +356,11 @@ class Engine:
     def _apply_deferred_releases(self, runner: Runner) -> None:
         self._step_in_flight = None
         releases, self._deferred_releases = self._deferred_releases, []
-        for seq_id in releases:
-            runner.release(seq_id)
+        for sequence in releases:
+            runner.release(sequence.seq_id)
+            sequence.release_pending = False
+        self._step_done.set()
+        self._step_done = trio.Event()
 
     def _fail(self, plan: StepPlan, exc: Exception) -> None:
         """A step raised: only the sequences it carried fail; the engine goes on with the rest."""

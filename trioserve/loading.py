@@ -137,3 +137,18 @@ def load_runner(settings: Settings) -> TransformersRunner:
         max_batch_size=settings.batch_size,
         eos_token_ids=_eos_ids(model, tokenizer),
     )
+
+
+def check_settings(settings: Settings) -> None:
+    """Fails fast on settings this machine cannot honour, before the server binds (even without HOTLOAD).
+
+    Raises:
+        ConfigError: naming the setting and the alternative.
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.torch_dtype, device)
+    resolve_attention(settings.attn_implementation, device, dtype)
+    if settings.model is not None:
+        _quantization_config(settings, device, dtype)
+    elif settings.quantization != "none":
+        raise ConfigError("QUANTIZATION needs a real model (--model / HF_MODEL); the demo model is not quantized")

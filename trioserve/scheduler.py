@@ -87,10 +87,9 @@ class Scheduler:
             raise QueueFull
         self._waiting[seq_id] = Entry(seq_id, request)
 
-    def remove(self, seq_id: int) -> Phase | None:
-        """Forgets a sequence wherever it is; returns the phase it was in (None: unknown)."""
-        entry = self._waiting.pop(seq_id, None) or self._running.pop(seq_id, None)
-        return entry.phase if entry is not None else None
+    def remove(self, seq_id: int) -> Entry | None:
+        """Forgets a sequence wherever it is; returns its entry as it was (None: unknown)."""
+        return self._waiting.pop(seq_id, None) or self._running.pop(seq_id, None)
 
     def plan(self) -> StepPlan:
         """Admits waiters into free slots, then plans the next step (empty: nothing to do)."""

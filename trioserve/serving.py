@@ -161,7 +161,7 @@ class ChatService:
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
         finish: FinishReason | None = None
-        with stream:
+        async with stream:
             async for event in stream:
                 piece = assembler.feed(event, eos=self._is_eos(event))
                 parts.append(piece.text)
@@ -169,6 +169,7 @@ class ChatService:
                 if piece.finish_reason is not None:
                     finish = piece.finish_reason
                     break
+            stream.close()  # a stop string ends it early: free the slot now, not after the response
         assert finish is not None, "a token stream always ends with a finish reason"
         choice = ChatChoice(
             index=0,
@@ -209,7 +210,7 @@ class ChatService:
             )
 
         finish: FinishReason | None = None
-        with stream:
+        async with stream:
             yield chunk(Delta(role="assistant", content=""))
             try:
                 async for event in stream:
@@ -222,18 +223,19 @@ class ChatService:
             except TrioserveError as error:
                 yield error
                 return
-        assert finish is not None
-        yield chunk(Delta(), finish)
-        options = prepared.body.stream_options
-        if options is not None and options.include_usage:
-            yield ChatCompletionChunk(
-                id=prepared.completion_id,
-                created=prepared.created,
-                model=prepared.model,
-                choices=[],
-                usage=_usage(prepared, assembler),
-                system_fingerprint=SYSTEM_FINGERPRINT,
-            )
+            stream.close()  # a stop string ends it early: free the slot before the last chunks go out
+            assert finish is not None
+            yield chunk(Delta(), finish)
+            options = prepared.body.stream_options
+            if options is not None and options.include_usage:
+                yield ChatCompletionChunk(
+                    id=prepared.completion_id,
+                    created=prepared.created,
+                    model=prepared.model,
+                    choices=[],
+                    usage=_usage(prepared, assembler),
+                    system_fingerprint=SYSTEM_FINGERPRINT,
+                )
 
 
 def _usage(prepared: PreparedChat, assembler: TextAssembler) -> Usage:
