@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,10 +53,16 @@ class RequestState:
         self.streams.append(stream)
         return stream
 
-    def close_all(self, reason: str | None) -> None:
+    def note_disconnect(self) -> None:
+        self.disconnected = True
         for stream in self.streams:
-            if stream.close() and reason is not None:
-                logger.warning("cancelling %s: %s", stream.request_id, reason)
+            if not stream.finished:
+                logger.warning("cancelling %s: client disconnected", stream.request_id)
+
+    def close_all(self) -> None:
+        """Safety net: every stream this request opened is closed when the request ends, however."""
+        for stream in self.streams:
+            stream.close()
 
 
 class _Connection(TrioASGIHTTPConnection):
@@ -67,7 +74,7 @@ class _Connection(TrioASGIHTTPConnection):
         try:
             await super().__call__(receive, send)
         finally:
-            state.close_all("client disconnected" if state.disconnected else "request ended")
+            state.close_all()
 
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Any, receive: ASGIReceiveCallable
@@ -75,8 +82,7 @@ class _Connection(TrioASGIHTTPConnection):
         # Returns only on http.disconnect: the response finishing cancels this task instead.
         await ASGIHTTPConnection.handle_messages(self, request, receive)
         state: RequestState = self.scope[_STATE_KEY]  # type: ignore[literal-required]
-        state.disconnected = True
-        state.close_all("client disconnected")
+        state.note_disconnect()
         nursery.cancel_scope.cancel()
 
 
@@ -213,12 +219,14 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
             return json_response(await service.complete(prepared, stream))
 
         async def events() -> AsyncIterator[bytes]:
-            async for item in service.stream(prepared, stream):
-                if isinstance(item, ChatCompletionChunk):
-                    yield sse_event(dump(item))
-                else:
-                    yield sse_event(item.to_dict())
-                    return
+            # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
+            async with aclosing(service.stream(prepared, stream)) as items:
+                async for item in items:
+                    if isinstance(item, ChatCompletionChunk):
+                        yield sse_event(dump(item))
+                    else:
+                        yield sse_event(item.to_dict())
+                        return
             yield b"data: [DONE]\n\n"
 
         response = Response(events(), headers=SSE_HEADERS)

@@ -104,12 +104,12 @@ class TokenStream:
         return self.finished and not self._sequence.release_pending
 
     def close(self) -> bool:
-        """Releases the sequence; True if it was still live (i.e. this call cut it short).
+        """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then
+        ends (without a finish reason, if the sequence had not finished).
 
         If a step carrying the sequence is running, its KV is dropped the moment that step returns; use
         ``async with`` (or `aclose`) to also wait for that.
         """
-        self._receive.close()
         return self._engine._leave(self._sequence, "closed")
 
     async def aclose(self) -> None:
@@ -208,6 +208,16 @@ class Engine:
     def active(self) -> int:
         """Requests that hold a place in the engine (running or waiting)."""
         return len(self._sequences)
+
+    def forward_passes(self, request_id: str) -> int | None:
+        """Forward passes that carried a request so far, live or recently finished (None: unknown)."""
+        for sequence in self._sequences.values():
+            if sequence.request.request_id == request_id:
+                return sequence.forward_passes
+        return next((r.forward_passes for r in reversed(self.history) if r.request_id == request_id), None)
+
+    def is_live(self, request_id: str) -> bool:
+        return any(s.request.request_id == request_id for s in self._sequences.values())
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

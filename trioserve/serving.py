@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from trioserve.engine import Engine, TokenStream
-from trioserve.errors import ContextLengthExceeded, ModelNotFound, TrioserveError
+from trioserve.errors import ContextLengthExceeded, ModelNotFound, TrioserveError, Unavailable
 from trioserve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -170,7 +170,8 @@ class ChatService:
                     finish = piece.finish_reason
                     break
             stream.close()  # a stop string ends it early: free the slot now, not after the response
-        assert finish is not None, "a token stream always ends with a finish reason"
+        if finish is None:
+            raise Unavailable("the request was cancelled by the server")
         choice = ChatChoice(
             index=0,
             message=AssistantMessage(content="".join(parts)),
@@ -224,7 +225,9 @@ class ChatService:
                 yield error
                 return
             stream.close()  # a stop string ends it early: free the slot before the last chunks go out
-            assert finish is not None
+            if finish is None:
+                yield Unavailable("the request was cancelled by the server")
+                return
             yield chunk(Delta(), finish)
             options = prepared.body.stream_options
             if options is not None and options.include_usage:
