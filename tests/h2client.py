@@ -95,7 +95,7 @@ class H2Client:
         ]
         self._conn.send_headers(stream_id, request_headers)
         self._conn.send_data(stream_id, payload, end_stream=True)
-        self.streams[stream_id]  # noqa: B018 -- create its state now
+        self.streams[stream_id]
         await self._flush()
         return stream_id
 

@@ -48,7 +48,11 @@ async def test_openai_sdk_non_streaming_and_streaming() -> None:
 
         def non_streaming() -> object:
             return client.chat.completions.create(
-                model="model", messages=MESSAGES, max_tokens=12, temperature=0.1, top_p=0.95,
+                model="model",
+                messages=MESSAGES,
+                max_tokens=12,
+                temperature=0.1,
+                top_p=0.95,
                 extra_body={"ignore_eos": True},
             )
 
@@ -65,8 +69,12 @@ async def test_openai_sdk_non_streaming_and_streaming() -> None:
 
         def streaming() -> list[object]:
             stream = client.chat.completions.create(
-                model="model", messages=MESSAGES, max_tokens=9, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                model="model",
+                messages=MESSAGES,
+                max_tokens=9,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
             )
             return list(stream)
 

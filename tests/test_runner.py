@@ -70,7 +70,9 @@ def test_batched_tokens_equal_solo_tokens(runner: TransformersRunner, chat_token
         "long": chat_tokenizer.encode_chat([{"role": "user", "content": "tell me about rivers " * 3}]),
         "mid": chat_tokenizer.encode_chat([{"role": "user", "content": "héllo 世界"}]),
         "tiny": [5, 6, 7],
-        "late": chat_tokenizer.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}]),
+        "late": chat_tokenizer.encode_chat(
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}]
+        ),
     }
     arrivals = [
         Arrival(0, greedy("short", prompts["short"], 12)),
@@ -115,7 +117,9 @@ def test_rows_leave_and_padding_is_trimmed(runner: TransformersRunner) -> None:
     assert runner._batch is None
 
 
-def test_one_request_per_pass_mode_gives_the_same_tokens(model64: PreTrainedModel, chat_tokenizer: ChatTokenizer) -> None:
+def test_one_request_per_pass_mode_gives_the_same_tokens(
+    model64: PreTrainedModel, chat_tokenizer: ChatTokenizer
+) -> None:
     solo_runner = make_runner(model64, chat_tokenizer, max_batch_size=1)
     arrivals = [Arrival(0, greedy("x", [5, 6, 7, 8], 6)), Arrival(1, greedy("y", [9, 10], 6))]
     interleaved = drive(solo_runner, arrivals)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,7 +73,7 @@ def test_streamed_stop_matching_equals_reference(text: str, stops: list[str], cu
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     matcher = StopMatcher(stops)
     shown, stopped = "", False
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         piece, stopped = matcher.push(text[start:end])
         shown += piece
         if stopped:

@@ -168,7 +168,9 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
         status = error.code or 500
         if status == 413:
             return error_response(PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes"))
-        wrapped = InvalidRequest(f"{error.name}: {request.method} {request.path}", code=error.name.lower().replace(" ", "_"))
+        wrapped = InvalidRequest(
+            f"{error.name}: {request.method} {request.path}", code=error.name.lower().replace(" ", "_")
+        )
         response = error_response(wrapped)
         response.status_code = status
         return response

@@ -67,9 +67,7 @@ async def serve_forever(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         check_settings(settings)
     except ConfigError as exc:
         print(f"trioserve: configuration error: {exc}", file=sys.stderr)

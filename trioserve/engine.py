@@ -406,4 +406,3 @@ class Engine:
         if len(sequence.request.prompt_ids) + sequence.generated >= runner.max_context:
             return FinishReason.LENGTH
         return None
-

@@ -71,8 +71,7 @@ def _quantization_config(settings: Settings, device: torch.device, dtype: torch.
         return None
     if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
-            f"QUANTIZATION={settings.quantization} needs a CUDA GPU and bitsandbytes "
-            "(pip install 'trioserve[bnb]')"
+            f"QUANTIZATION={settings.quantization} needs a CUDA GPU and bitsandbytes (pip install 'trioserve[bnb]')"
         )
     from transformers import BitsAndBytesConfig
 

@@ -111,7 +111,9 @@ class _SamplingFields(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def to_sampling_params(self, *, max_tokens: int, vocab_size: int | None = None, logprobs: int | None = None) -> SamplingParams:
+    def to_sampling_params(
+        self, *, max_tokens: int, vocab_size: int | None = None, logprobs: int | None = None
+    ) -> SamplingParams:
         """The internal sampling parameters; ``max_tokens`` is resolved by the caller against the context.
 
         Raises:
@@ -121,7 +123,9 @@ class _SamplingFields(BaseModel):
         if vocab_size is not None:
             for token_id in bias:
                 if not 0 <= token_id < vocab_size:
-                    raise InvalidRequest(f"logit_bias has token id {token_id}, outside the vocabulary", param="logit_bias")
+                    raise InvalidRequest(
+                        f"logit_bias has token id {token_id}, outside the vocabulary", param="logit_bias"
+                    )
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,

@@ -7,7 +7,7 @@ conversion) before anything is admitted; `complete` and `stream` then only consu
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from trioserve.engine import Engine, TokenStream
@@ -49,7 +49,9 @@ class Piece:
 class TextAssembler:
     """Turns a sequence's token events into text pieces: detokenizes, applies stop strings, counts tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str], *, logprobs: bool) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str], *, logprobs: bool
+    ) -> None:
         self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer(prompt_ids)
         self._stops = StopMatcher(stops)
@@ -187,7 +189,9 @@ class ChatService:
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
-    async def stream(self, prepared: PreparedChat, stream: TokenStream) -> AsyncIterator[ChatCompletionChunk | TrioserveError]:
+    async def stream(
+        self, prepared: PreparedChat, stream: TokenStream
+    ) -> AsyncGenerator[ChatCompletionChunk | TrioserveError, None]:
         """Yields the chunks of a streamed completion, or one error (after which the stream ends).
 
         The token stream is closed (its KV released) as soon as the last token is in, before the final
@@ -195,7 +199,9 @@ class ChatService:
         """
         assembler = self._assembler(prepared)
 
-        def chunk(delta: Delta, finish: FinishReason | None = None, logprobs: Sequence[TokenLogprob] = ()) -> ChatCompletionChunk:
+        def chunk(
+            delta: Delta, finish: FinishReason | None = None, logprobs: Sequence[TokenLogprob] = ()
+        ) -> ChatCompletionChunk:
             choice = ChunkChoice(
                 index=0,
                 delta=delta,

@@ -12,8 +12,13 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 DEMO_MODEL_ID = "trioserve-tiny-random"
 
@@ -27,11 +32,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Text the benchmark's tokenizer learns its merges from: plain English prose, enough for a 16k vocabulary
 # to hold real words, so prompts tokenize to realistic lengths.
-_CORPUS_WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
-    "they you were her she there been one all we their has would when if so no what up out about who them "
-    "model token server request stream cache batch cancel scope nursery thread limiter deadline drain queue "
-    "hello world malaysia good people food weather city river mountain language history science music"
+_CORPUS_WORDS = (  # noqa: SIM905 -- prose reads better as prose
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there been one all we their has would when if so no what up out about who "
+    "them model token server request stream cache batch cancel scope nursery thread limiter deadline "
+    "drain queue hello world malaysia good people food weather city river mountain language history "
+    "science music "
 ).split()
 
 

@@ -1,0 +1,26 @@
+# Recipes run inside .venv (./dev puts it first on PATH). `./dev --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Start the server; extra flags go to trioserve (see `./dev serve --help`)
+serve *ARGS:
+    python -m trioserve {{ARGS}}
+
+# Run the test suite (extra args go to pytest)
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+# Lint, format check and strict typing
+check:
+    ruff check trioserve tests bench
+    ruff format --check trioserve tests bench
+    mypy
+
+# Format the code in place
+fmt:
+    ruff format trioserve tests bench
+    ruff check --fix trioserve tests bench
+
+# Throughput/latency benchmark against the forward-pass bound (and transformers serve when installed)
+bench *ARGS:
+    python -m bench {{ARGS}}

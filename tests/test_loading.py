@@ -1,0 +1,65 @@
+"""Loading: the real from_pretrained path on a local directory, and clear errors for what cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trioserve.config import ConfigError, Settings
+from trioserve.loading import check_settings, load_runner, resolve_attention, resolve_dtype
+from trioserve.tinymodel import save_tiny_model
+from trioserve.types import GenerationRequest, PrefillChunk, SamplingParams, StepPlan
+
+
+def test_from_pretrained_on_a_local_directory(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "my-tiny-llama")
+    runner = load_runner(Settings(model=str(model_dir), torch_dtype="float32"))
+    assert runner.model_id == "my-tiny-llama"
+    assert runner.eos_token_ids == {
+        runner.tokenizer.hf.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    }
+    prompt = tuple(runner.tokenizer.encode_chat([{"role": "user", "content": "hi"}]))
+    request = GenerationRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=3))
+    output = runner.step(StepPlan(prefill=PrefillChunk(0, request, 0, len(prompt))))
+    assert 0 <= output.tokens[0].token_id < runner.vocab_size
+    runner.release(0)
+    assert runner.live_sequences() == 0
+
+
+def test_served_model_name_overrides_the_id(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "m")
+    assert load_runner(Settings(model=str(model_dir), served_model_name="gpt-4o")).model_id == "gpt-4o"
+
+
+def test_flash_attention_named_without_the_package_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="flash-attn"):
+        resolve_attention("flash_attention_2", torch.device("cpu"), torch.float32)
+    assert resolve_attention("auto", torch.device("cpu"), torch.float32) == "sdpa"
+
+
+def test_cuda_asked_for_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="DEVICE=cuda"):
+        check_settings(Settings(device="cuda"))
+
+
+def test_quantization_needs_cuda_and_bitsandbytes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="QUANTIZATION"):
+        check_settings(Settings(model=str(tmp_path), quantization="bnb-4bit", device="cpu"))
+
+
+def test_bfloat16_on_an_old_gpu_names_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The capability query is the only GPU fact this decision uses; a T4 reports 7.5.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ConfigError, match="TORCH_DTYPE=float16"):
+        resolve_dtype("bfloat16", torch.device("cuda"))
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_cpu_auto_dtype_is_float32() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
