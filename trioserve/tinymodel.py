@@ -30,15 +30,24 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# Text the benchmark's tokenizer learns its merges from: plain English prose, enough for a 16k vocabulary
-# to hold real words, so prompts tokenize to realistic lengths.
-_CORPUS_WORDS = (  # noqa: SIM905 -- prose reads better as prose
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have "
-    "an they you were her she there been one all we their has would when if so no what up out about who "
-    "them model token server request stream cache batch cancel scope nursery thread limiter deadline "
-    "drain queue hello world malaysia good people food weather city river mountain language history "
-    "science music "
-).split()
+_CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th br st tr pl".split()
+_VOWELS = "a e i o u ai ea ou ie".split()
+
+
+def _synthetic_corpus(words: int, seed: int = 0) -> list[str]:
+    """Lines of pseudo-words with a Zipf-like frequency, enough distinct words for a BPE to learn
+    thousands of merges, so prompts tokenize to realistic lengths (a few characters per token)."""
+    generator = torch.Generator().manual_seed(seed)
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    lexicon = []
+    for _ in range(20000):
+        count = 1 + int(torch.randint(4, (1,), generator=generator))
+        picks = torch.randint(len(syllables), (count,), generator=generator).tolist()
+        lexicon.append("".join(syllables[p] for p in picks))
+    # Zipf: rank r drawn with probability ~ 1/r.
+    weights = 1.0 / torch.arange(1, len(lexicon) + 1, dtype=torch.float64)
+    draws = torch.multinomial(weights, words, replacement=True, generator=generator).tolist()
+    return [" ".join(lexicon[d] for d in draws[i : i + 20]) for i in range(0, words, 20)]
 
 
 def build_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerBase:
@@ -58,12 +67,7 @@ def build_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerBase:
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    generator = torch.Generator().manual_seed(0)
-    corpus = (
-        " ".join(_CORPUS_WORDS[int(i)] for i in torch.randint(len(_CORPUS_WORDS), (200,), generator=generator))
-        for _ in range(2000 if vocab_size else 1)
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.train_from_iterator(_synthetic_corpus(400_000) if vocab_size else [], trainer=trainer)
     wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token=None,
@@ -85,6 +89,8 @@ def build_model(
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
     dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    initializer_range: float = 0.5,
     seed: int = 0,
 ) -> PreTrainedModel:
     """Builds a random-weight Llama sized to the tokenizer. Deterministic for a given seed."""
@@ -96,8 +102,10 @@ def build_model(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        initializer_range=0.5,
+        # Untied and widely initialised by default: a tiny random model then produces varied tokens rather
+        # than echoing its input, which makes batched-vs-solo comparisons meaningful.
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,

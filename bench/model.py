@@ -1,0 +1,29 @@
+"""The benchmark's model: a random-weight Llama of a 115M-parameter shape (SmolLM-135M's layout with a
+16k vocabulary), built once and cached as a local `from_pretrained` directory under bench/cache/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trioserve.tinymodel import save_tiny_model
+
+CACHE = Path(__file__).parent / "cache"
+SHAPE = {
+    "hidden_size": 576,
+    "num_layers": 30,
+    "num_heads": 9,
+    "num_kv_heads": 3,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+}
+VOCAB = 16384
+
+
+def bench_model_dir() -> Path:
+    """Builds the model on first use (about 10 s), then reuses it."""
+    path = CACHE / "llama-115m-random"
+    if not (path / "config.json").exists():
+        save_tiny_model(path, vocab_size=VOCAB, **SHAPE)
+    return path

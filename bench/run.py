@@ -1,0 +1,207 @@
+"""`just bench`: trioserve against the forward-pass bound and `transformers serve`, side by side, one run.
+
+Prints a markdown table with ratios and writes the figures as JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import trio
+
+from bench.bound import forward_bound
+from bench.client import run_level
+from bench.model import bench_model_dir
+from trioserve.tokenization import ChatTokenizer
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = (
+    "You are a helpful assistant. Tell me, in a few sentences, what is good about the food, the weather, "
+    "the cities and the rivers of the place you know best, and why people like to visit it."
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(command: Sequence[str], port: int, log: Path) -> Iterator[str]:
+    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{command[0]} exited early; see {log}")
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{command} did not become healthy; see {log}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def measure_server(url: str, levels: list[tuple[int, int]], body: dict[str, Any]) -> list[dict[str, float]]:
+    results = []
+    # One warm-up request: first-call costs (allocator, lazy imports) are not what we compare.
+    trio.run(run_level, url, 1, 1, body | {"max_tokens": 8})
+    for concurrency, requests in levels:
+        result = trio.run(run_level, url, concurrency, requests, body)
+        results.append(result.summary())
+        print(f"  c={concurrency}: {results[-1]['output_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    return results
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [
+        "| concurrency | bound tok/s | trioserve tok/s | vs bound | TTFT p50/p99 ms | ITL p50/p99 ms |"
+        + "".join(f" {name} tok/s | trioserve / {name} | {name} TTFT p50 ms |" for name in report["peers"])
+    ]
+    rows.append("|" + "---|" * (6 + 3 * len(report["peers"])))
+    for i, ours in enumerate(report["trioserve"]):
+        c = int(ours["concurrency"])
+        bound = report["bound"][str(c)]
+        line = (
+            f"| {c} | {bound:.1f} | {ours['output_tokens_per_s']:.1f} | {ours['output_tokens_per_s'] / bound:.0%} "
+            f"| {ours['ttft_p50_ms']:.0f} / {ours['ttft_p99_ms']:.0f} | {ours['itl_p50_ms']:.0f} / {ours['itl_p99_ms']:.0f} |"
+        )
+        for name, peer in report["peers"].items():
+            theirs = peer[i]
+            line += (
+                f" {theirs['output_tokens_per_s']:.1f} | {ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.2f}x"
+                f" | {theirs['ttft_p50_ms']:.0f} |"
+            )
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
+    parser.add_argument("--levels", default="1:4,4:8,16:32", help="concurrency:requests pairs")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--skip-peers", action="store_true", help="do not run transformers serve")
+    parser.add_argument("--trioserve-args", default="", help="extra flags for trioserve")
+    args = parser.parse_args(argv)
+    levels = [(int(c), int(n)) for c, n in (pair.split(":") for pair in args.levels.split(","))]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    print("building/loading the benchmark model...", file=sys.stderr)
+    model_dir = bench_model_dir()
+    from transformers import AutoTokenizer
+
+    tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(model_dir))
+    messages = [{"role": "user", "content": PROMPT}]
+    prompt_ids = tokenizer.encode_chat(messages)
+    body = {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    print("measuring the in-process bound...", file=sys.stderr)
+    bound = {str(c): forward_bound(model_dir, prompt_ids, c, args.max_tokens) for c, _ in levels}
+
+    max_concurrency = max(c for c, _ in levels)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "trioserve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--hotload",
+        "--max-concurrent",
+        str(max_concurrency),
+        "--torch-dtype",
+        "float32",
+        "--log-level",
+        "warning",
+        *args.trioserve_args.split(),
+    ]
+    print("measuring trioserve...", file=sys.stderr)
+    with server(command, port, RESULTS / f"{stamp}-trioserve.log") as url:
+        ours = measure_server(url, levels, body)
+
+    peers: dict[str, list[dict[str, float]]] = {}
+    have_peer = importlib.util.find_spec("fastapi") is not None and importlib.util.find_spec("uvicorn") is not None
+    if not args.skip_peers and have_peer:
+        transformers_cli = str(Path(sys.executable).with_name("transformers"))
+        for name, flags in [("tf-serve-cb", ["--continuous-batching"]), ("tf-serve", [])]:
+            port = free_port()
+            command = [
+                transformers_cli,
+                "serve",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                *flags,
+            ]
+            print(f"measuring {name}...", file=sys.stderr)
+            with server(command, port, RESULTS / f"{stamp}-{name}.log") as url:
+                peers[name] = measure_server(url, levels, body)
+    elif not args.skip_peers:
+        print("transformers serve needs fastapi and uvicorn (pip install 'trioserve[bench]'); skipped", file=sys.stderr)
+
+    report = {
+        "when": stamp,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "model": {"dir": str(model_dir), "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens},
+        "bound": bound,
+        "trioserve": ours,
+        "peers": peers,
+    }
+    out = RESULTS / f"{stamp}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"\nfigures written to {out}", file=sys.stderr)
+    return 0
