@@ -71,8 +71,7 @@ class FakeRunner:
         if error is not None:
             raise error
         tokens: dict[int, SampledToken] = {}
-        chunk = plan.prefill
-        if chunk is not None:
+        for chunk in plan.prefill:
             if chunk.start == 0:
                 self.caches[chunk.seq_id] = DynamicCache()
                 self.requests[chunk.seq_id] = chunk.request.request_id
@@ -90,7 +89,7 @@ class FakeRunner:
         return SampledToken(fake_token(self.requests[seq_id], position, self.vocab_size))
 
     def cost(self, plan: StepPlan) -> float:
-        return (PREFILL_SECONDS if plan.prefill is not None else 0.0) + (DECODE_SECONDS if plan.decode else 0.0)
+        return (PREFILL_SECONDS if plan.prefill else 0.0) + (DECODE_SECONDS if plan.decode else 0.0)
 
     async def offload(
         self, step: Callable[[StepPlan], StepOutput], plan: StepPlan, limiter: trio.CapacityLimiter

@@ -113,7 +113,7 @@ async def test_cancel_while_waiting_for_a_slot(autojump_clock: trio.testing.Mock
             nursery.start_soon(run_c)
     assert a_tokens == expected("a", 5)
     # b never reached the runner; c took the slot as soon as a finished (t = 10 + 4*5 = 30 ms).
-    assert all(p.plan.prefill is None or p.plan.prefill.request.request_id != "b" for p in runner.passes)
+    assert all(c.request.request_id != "b" for p in runner.passes for c in p.plan.prefill)
     a_done = PREFILL_SECONDS + 4 * DECODE_SECONDS
     assert c_times == pytest.approx([a_done + PREFILL_SECONDS], abs=1e-9)
 
@@ -137,7 +137,7 @@ async def test_cancel_during_prefill_drops_cache_and_frees_slot(autojump_clock: 
             assert cache() is None
             assert runner.live_sequences() == 0
     carrying = runner.passes_carrying(0)
-    assert [p.plan.prefill.end for p in carrying if p.plan.prefill] == [CHUNK, 2 * CHUNK]
+    assert [c.end for p in carrying for c in p.plan.prefill] == [CHUNK, 2 * CHUNK]
     assert all(p.started < exited for p in carrying)
     # The slot went to the waiter at the very next step.
     assert waiter_times == pytest.approx([exited + PREFILL_SECONDS], abs=1e-9)
@@ -213,8 +213,8 @@ async def test_queue_full_is_overloaded_and_frees_on_leave(autojump_clock: trio.
 
 async def test_failed_step_fails_only_its_sequences(autojump_clock: trio.testing.MockClock) -> None:
     def fail_once(plan: StepPlan) -> BaseException | None:
-        prefill = plan.prefill
-        if prefill is not None and prefill.request.request_id == "doomed" and not failed:
+        doomed = any(c.request.request_id == "doomed" for c in plan.prefill)
+        if doomed and not failed:
             failed.append(True)
             return RuntimeError("simulated CUDA error")
         return None

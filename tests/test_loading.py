@@ -22,7 +22,7 @@ def test_from_pretrained_on_a_local_directory(tmp_path: Path) -> None:
     }
     prompt = tuple(runner.tokenizer.encode_chat([{"role": "user", "content": "hi"}]))
     request = GenerationRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=3))
-    output = runner.step(StepPlan(prefill=PrefillChunk(0, request, 0, len(prompt))))
+    output = runner.step(StepPlan(prefill=(PrefillChunk(0, request, 0, len(prompt)),)))
     assert 0 <= output.tokens[0].token_id < runner.vocab_size
     runner.release(0)
     assert runner.live_sequences() == 0

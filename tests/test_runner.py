@@ -23,7 +23,11 @@ class Arrival:
 
 
 def drive(runner: TransformersRunner, arrivals: list[Arrival], *, chunk: int = 8) -> dict[str, list[int]]:
-    """Runs the real scheduler and runner step by step, as the engine would, with no event loop."""
+    """Runs the real scheduler and runner step by step, as the engine would, with no event loop.
+
+    Also records the largest prefill group seen, in ``drive.widest_prefill``.
+    """
+    drive.widest_prefill = 0  # type: ignore[attr-defined]
     scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=chunk)
     outputs: dict[str, list[int]] = defaultdict(list)
     by_seq = {}
@@ -40,8 +44,9 @@ def drive(runner: TransformersRunner, arrivals: list[Arrival], *, chunk: int = 8
         if not plan:
             continue
         output = runner.step(plan)
-        if plan.prefill is not None:
-            scheduler.prefilled(plan.prefill)
+        drive.widest_prefill = max(drive.widest_prefill, len(plan.prefill))  # type: ignore[attr-defined]
+        for prefill in plan.prefill:
+            scheduler.prefilled(prefill)
         for seq_id, token in output.tokens.items():
             arrival = by_seq[seq_id]
             tokens = outputs[arrival.request.request_id]
@@ -64,7 +69,8 @@ def runner(model64: PreTrainedModel, chat_tokenizer: ChatTokenizer) -> Transform
     return make_runner(model64, chat_tokenizer)
 
 
-def test_batched_tokens_equal_solo_tokens(runner: TransformersRunner, chat_tokenizer: ChatTokenizer) -> None:
+@pytest.mark.parametrize("chunk", [8, 256], ids=["chunked-prefill", "grouped-prefill"])
+def test_batched_tokens_equal_solo_tokens(runner: TransformersRunner, chat_tokenizer: ChatTokenizer, chunk: int) -> None:
     prompts = {
         "short": chat_tokenizer.encode_chat([{"role": "user", "content": "hi"}]),
         "long": chat_tokenizer.encode_chat([{"role": "user", "content": "tell me about rivers " * 3}]),
@@ -80,11 +86,15 @@ def test_batched_tokens_equal_solo_tokens(runner: TransformersRunner, chat_token
         Arrival(3, greedy("mid", prompts["mid"], 30), leave_after=7),  # cancelled mid-batch
         Arrival(5, greedy("tiny", prompts["tiny"], 15), leave_after=4),  # e.g. a stop string
         Arrival(9, greedy("late", prompts["late"], 10)),
+        Arrival(9, greedy("gone", [8, 9, 10, 11], 10), leave_after=1),  # leaves before its group joins
+        Arrival(9, greedy("late2", [12, 13], 6)),
     ]
-    batched = drive(runner, arrivals)
+    batched = drive(runner, arrivals, chunk=chunk)
+    widest = drive.widest_prefill  # type: ignore[attr-defined]
+    assert widest == (2 if chunk == 8 else 3)  # "gone" and "late2" fit together even in 8 tokens
     assert runner.live_sequences() == 0
     for arrival in arrivals:
-        solo = drive(runner, [Arrival(0, arrival.request, arrival.leave_after)])
+        solo = drive(runner, [Arrival(0, arrival.request, arrival.leave_after)], chunk=chunk)
         name = arrival.request.request_id
         assert batched[name] == solo[name], name
     assert max(len(p) for p in batched.values()) == 20
@@ -105,8 +115,8 @@ def test_rows_leave_and_padding_is_trimmed(runner: TransformersRunner) -> None:
     for _ in range(4):
         plan = sched.plan()
         runner.step(plan)
-        if plan.prefill is not None:
-            sched.prefilled(plan.prefill)
+        for chunk in plan.prefill:
+            sched.prefilled(chunk)
     sched.remove(0)
     runner.release(0)
     runner.step(sched.plan())

@@ -384,8 +384,8 @@ class Engine:
 
     def _deliver(self, plan: StepPlan, output: StepOutput, runner: Runner) -> None:
         assert self._scheduler is not None
-        if plan.prefill is not None:
-            self._scheduler.prefilled(plan.prefill)
+        for chunk in plan.prefill:
+            self._scheduler.prefilled(chunk)
         for seq_id, token in output.tokens.items():
             sequence = self._sequences.get(seq_id)
             if sequence is None:

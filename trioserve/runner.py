@@ -1,10 +1,12 @@
-"""The model side: prefill chunks, batched decode steps, and KV cache ownership. Synchronous; no trio.
+"""The model side: prefill, batched decode steps, and KV cache ownership. Synchronous; no trio.
 
-Each sequence is prefilled on its own `DynamicCache`. When it first appears in a decode plan its cache is
+KV lives in groups (`_KVGroup`): a `DynamicCache` whose row ``i`` belongs to one sequence, with a 2-D mask
+marking which columns of that row hold real tokens (rows are left-padded to a common width). A sequence's
+KV starts in its own group (a long prompt, prefilled chunk by chunk) or in a group of whole prompts
+prefilled together in one forward pass. When its sequences first appear in a decode plan, the group is
 joined into the running batch by left-padding along the sequence axis; every row keeps its own
-``position_ids`` and a 2-D attention mask hides the padding, so a row's tokens are the ones it would get
-alone. A released row is dropped with ``batch_select_indices`` at the start of the next step, and padding
-columns that no row needs any more are trimmed at the same time.
+``position_ids``, so a row's tokens are the ones it would get alone. A released row is dropped with
+``batch_select_indices`` at the start of the next step, and padding columns no row needs are trimmed then.
 """
 
 from __future__ import annotations
@@ -23,24 +25,46 @@ from trioserve.types import GenerationRequest, PrefillChunk, SampledToken, StepO
 
 @dataclass(eq=False)
 class _Sequence:
-    """One request's state in the runner. ``cache`` is its own until it joins the batch."""
+    """One request's state in the runner."""
 
     seq_id: int
     request: GenerationRequest
     sampler: SequenceSampler
-    cache: DynamicCache | None
+    group: _KVGroup
     length: int = 0  # tokens in the KV cache
     last_token: int = -1  # sampled but not yet fed back
 
 
 @dataclass(eq=False)
-class _Batch:
-    """Sequences decoded together: one cache whose row ``i`` belongs to ``rows[i]``."""
+class _KVGroup:
+    """Rows of one cache: row ``i`` belongs to ``rows[i]``; ``mask`` is 1 where a row holds a real token."""
 
     cache: DynamicCache
     rows: list[_Sequence]
-    mask: torch.Tensor  # [rows, columns]: 1 where a row holds a real token
-    released: set[int] = field(default_factory=set)  # row indexes to drop before the next pass
+    mask: torch.Tensor  # [rows, columns], long
+    released: set[int] = field(default_factory=set)  # row indexes to drop before the next forward pass
+
+    @property
+    def live(self) -> bool:
+        return len(self.released) < len(self.rows)
+
+    def compact(self) -> None:
+        """Drops released rows, then the leading padding columns that no remaining row needs."""
+        if not self.released or not self.live:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in self.released]
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.rows = [self.rows[i] for i in keep]
+        self.released = set()
+        trim = self.mask.shape[1] - max(row.length for row in self.rows)
+        if trim > 0:
+            self.mask = self.mask[:, trim:]
+            for layer in self.cache.layers:
+                keys, values = _kv(layer)
+                assert isinstance(layer, DynamicLayer)
+                layer.keys, layer.values = keys[:, :, trim:, :], values[:, :, trim:, :]
 
 
 class TransformersRunner:
@@ -68,7 +92,7 @@ class TransformersRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sequences: dict[int, _Sequence] = {}
-        self._batch: _Batch | None = None
+        self._batch: _KVGroup | None = None  # the running batch (batched mode)
         self.forward_passes = 0
 
     # -- Runner Protocol: properties ------------------------------------------------------------------
@@ -106,24 +130,24 @@ class TransformersRunner:
         sequence = self._sequences.pop(seq_id, None)
         if sequence is None:
             return
-        sequence.cache = None
-        batch = self._batch
-        if batch is None:
-            return
-        for index, row in enumerate(batch.rows):
-            if row is sequence:
-                batch.released.add(index)
-        if len(batch.released) == len(batch.rows):
+        group = sequence.group
+        group.released.add(group.rows.index(sequence))
+        if not group.live and group is self._batch:
             self._batch = None  # nothing left to keep: the whole cache goes now, no copy needed
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         tokens: dict[int, SampledToken] = {}
-        self._compact()
-        if plan.prefill is not None:
-            token = self._prefill(plan.prefill)
+        for group in {id(s.group): s.group for s in self._sequences.values()}.values():
+            group.compact()
+        if self._batch is not None:
+            self._batch.compact()
+        if len(plan.prefill) == 1:
+            token = self._prefill_chunk(plan.prefill[0])
             if token is not None:
-                tokens[plan.prefill.seq_id] = token
+                tokens[plan.prefill[0].seq_id] = token
+        elif plan.prefill:
+            tokens.update(self._prefill_together(plan.prefill))
         if plan.decode:
             tokens.update(self._decode(plan.decode))
         return StepOutput(tokens)
@@ -141,18 +165,27 @@ class TransformersRunner:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _prefill(self, chunk: PrefillChunk) -> SampledToken | None:
+    def _new_sequence(self, chunk: PrefillChunk, group: _KVGroup) -> _Sequence:
+        request = chunk.request
+        sampler = SequenceSampler(request.params, request.prompt_ids, self._vocab_size, self._device)
+        sequence = _Sequence(chunk.seq_id, request, sampler, group)
+        self._sequences[chunk.seq_id] = sequence
+        return sequence
+
+    def _prefill_chunk(self, chunk: PrefillChunk) -> SampledToken | None:
+        """One chunk of one prompt, on that sequence's own cache."""
         if chunk.start == 0:
-            request = chunk.request
-            sampler = SequenceSampler(request.params, request.prompt_ids, self._vocab_size, self._device)
-            cache = DynamicCache(config=self.model.config)
-            self._sequences[chunk.seq_id] = _Sequence(chunk.seq_id, request, sampler, cache)
+            empty = torch.zeros((1, 0), dtype=torch.long, device=self._device)
+            group = _KVGroup(DynamicCache(config=self.model.config), [], empty)
+            group.rows.append(self._new_sequence(chunk, group))
         sequence = self._sequences[chunk.seq_id]
-        assert sequence.cache is not None, "a sequence in the batch cannot be prefilled again"
+        group = sequence.group
+        assert group is not self._batch, "a sequence in the batch cannot be prefilled again"
         ids = chunk.request.prompt_ids[chunk.start : chunk.end]
         input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
         positions = torch.arange(chunk.start, chunk.end, device=self._device).unsqueeze(0)
-        logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
+        logits = self._forward(group.cache, input_ids=input_ids, position_ids=positions)
+        group.mask = torch.nn.functional.pad(group.mask, (0, len(ids)), value=1)
         sequence.length = chunk.end
         if not chunk.is_last:
             return None
@@ -160,80 +193,72 @@ class TransformersRunner:
         sequence.last_token = token.token_id
         return token
 
+    def _prefill_together(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
+        """Whole prompts of several sequences in one left-padded forward pass, into one new group."""
+        assert all(c.start == 0 and c.is_last for c in chunks), "only whole prompts are prefilled together"
+        width = max(len(c.request.prompt_ids) for c in chunks)
+        padded = [[0] * (width - len(c.request.prompt_ids)) + list(c.request.prompt_ids) for c in chunks]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=self._device)
+        mask = torch.tensor(
+            [[0] * (width - len(c.request.prompt_ids)) + [1] * len(c.request.prompt_ids) for c in chunks],
+            dtype=torch.long,
+            device=self._device,
+        )
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        group = _KVGroup(DynamicCache(config=self.model.config), [], mask)
+        for chunk in chunks:
+            sequence = self._new_sequence(chunk, group)
+            sequence.length = len(chunk.request.prompt_ids)
+            group.rows.append(sequence)
+        logits = self._forward(group.cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        tokens = sample_rows(logits, [s.sampler for s in group.rows], self._eos_token_ids)
+        for sequence, token in zip(group.rows, tokens, strict=True):
+            sequence.last_token = token.token_id
+        return {s.seq_id: t for s, t in zip(group.rows, tokens, strict=True)}
+
     def _decode(self, seq_ids: tuple[int, ...]) -> dict[int, SampledToken]:
         sequences = [self._sequences[seq_id] for seq_id in seq_ids]
         if self._max_batch_size == 1:
             assert len(sequences) == 1, "one-request-per-pass mode decodes one sequence a step"
-            (sequence,) = sequences
-            assert sequence.cache is not None
-            cache = sequence.cache
-            input_ids = torch.tensor([[sequence.last_token]], device=self._device)
-            positions = torch.tensor([[sequence.length]], device=self._device)
-            logits = self._forward(cache, input_ids=input_ids, position_ids=positions)
+            group = sequences[0].group
         else:
-            batch = self._join(sequences)
-            batch.mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
-            input_ids = torch.tensor([[s.last_token] for s in batch.rows], device=self._device)
-            positions = torch.tensor([[s.length] for s in batch.rows], device=self._device)
-            logits = self._forward(batch.cache, input_ids=input_ids, attention_mask=batch.mask, position_ids=positions)
-            sequences = batch.rows
-        tokens = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
+            group = self._join(sequences)
+        group.mask = torch.nn.functional.pad(group.mask, (0, 1), value=1)
+        input_ids = torch.tensor([[s.last_token] for s in group.rows], device=self._device)
+        positions = torch.tensor([[s.length] for s in group.rows], device=self._device)
+        logits = self._forward(group.cache, input_ids=input_ids, attention_mask=group.mask, position_ids=positions)
+        tokens = sample_rows(logits, [s.sampler for s in group.rows], self._eos_token_ids)
         result = {}
-        for sequence, token in zip(sequences, tokens, strict=True):
+        for sequence, token in zip(group.rows, tokens, strict=True):
             sequence.length += 1
             sequence.last_token = token.token_id
             result[sequence.seq_id] = token
         return result
 
-    def _join(self, sequences: list[_Sequence]) -> _Batch:
-        """Makes the batch hold exactly ``sequences``: joins the ones that only have their own cache."""
+    def _join(self, sequences: list[_Sequence]) -> _KVGroup:
+        """Makes the running batch hold exactly ``sequences``, joining the groups it does not have yet."""
         batch = self._batch
-        members = {id(row) for row in batch.rows} if batch is not None else set()
-        newcomers = [s for s in sequences if id(s) not in members]
-        if batch is not None and len(batch.rows) + len(newcomers) != len(sequences):
+        newcomers = {id(s.group): s.group for s in sequences if s.group is not batch}
+        expected = (len(batch.rows) if batch is not None else 0) + sum(len(g.rows) for g in newcomers.values())
+        if expected != len(sequences):
             raise RuntimeError("the decode plan does not match the running batch")
         if not newcomers:
             assert batch is not None
             return batch
-        parts: list[tuple[DynamicCache, torch.Tensor]] = []
-        if batch is not None:
-            parts.append((batch.cache, batch.mask))
-        for sequence in newcomers:
-            assert sequence.cache is not None
-            ones = torch.ones((1, sequence.length), dtype=torch.long, device=self._device)
-            parts.append((sequence.cache, ones))
-        width = max(mask.shape[1] for _, mask in parts)
+        parts = ([batch] if batch is not None else []) + list(newcomers.values())
+        width = max(part.mask.shape[1] for part in parts)
         cache = DynamicCache(config=self.model.config)
         for index in range(len(cache.layers)):
-            kvs = [_kv(c.layers[index]) for c, _ in parts]
+            kvs = [_kv(part.cache.layers[index]) for part in parts]
             keys = torch.cat([_left_pad(k, width) for k, _ in kvs])
             values = torch.cat([_left_pad(v, width) for _, v in kvs])
             cache.update(keys, values, index)
-        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m in parts])
-        for sequence in newcomers:
-            sequence.cache = None  # its KV now lives in the batch's rows
-        rows = (batch.rows if batch is not None else []) + newcomers
-        self._batch = _Batch(cache, rows, mask)
-        return self._batch
-
-    def _compact(self) -> None:
-        """Drops released rows and the padding columns no remaining row needs."""
-        batch = self._batch
-        if batch is None or not batch.released:
-            return
-        keep = [i for i in range(len(batch.rows)) if i not in batch.released]
-        index = torch.tensor(keep, device=self._device)
-        batch.cache.batch_select_indices(index)
-        batch.mask = batch.mask[index]
-        batch.rows = [batch.rows[i] for i in keep]
-        batch.released = set()
-        trim = batch.mask.shape[1] - max(row.length for row in batch.rows)
-        if trim > 0:
-            batch.mask = batch.mask[:, trim:]
-            for layer in batch.cache.layers:
-                keys, values = _kv(layer)
-                assert isinstance(layer, DynamicLayer)
-                layer.keys, layer.values = keys[:, :, trim:, :], values[:, :, trim:, :]
+        mask = torch.cat([torch.nn.functional.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])
+        joined = _KVGroup(cache, [row for part in parts for row in part.rows], mask)
+        for row in joined.rows:
+            row.group = joined  # the old groups' caches are now unreferenced and freed
+        self._batch = joined
+        return joined
 
 
 def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:

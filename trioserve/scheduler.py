@@ -3,8 +3,9 @@
 States of a sequence, and why each exists::
 
     WAITING     admitted to the bounded FIFO queue; holds no KV and no slot
-    PREFILLING  holds a slot; its prompt goes through the model one chunk per step, so one long prompt
-                never holds the running batch (or a cancellation) for more than a chunk
+    PREFILLING  holds a slot; its prompt goes through the model within a token budget per step: whole
+                short prompts together in one pass, a long one a chunk per step, so one long prompt never
+                holds the running batch (or a cancellation) for more than a chunk
     DECODING    holds a slot and KV; decoded every step with the whole batch (or in turn, one per step,
                 when the model cannot be batched)
 
@@ -45,7 +46,7 @@ class Scheduler:
         max_running: sequences holding a slot (prefilling or decoding) at once.
         max_waiting: sequences queued for a slot; past it `submit` raises `QueueFull`.
         batch_size: sequences per decode pass; 1 decodes the running sequences in turn.
-        prefill_chunk: prompt tokens per prefill step.
+        prefill_chunk: prompt tokens per prefill step (padded tokens, when several prompts go together).
     """
 
     def __init__(self, *, max_running: int, max_waiting: int, batch_size: int, prefill_chunk: int) -> None:
@@ -97,18 +98,33 @@ class Scheduler:
             _, entry = self._waiting.popitem(last=False)
             entry.phase = Phase.PREFILLING
             self._running[entry.seq_id] = entry
-        prefill = None
-        for entry in self._running.values():
-            if entry.phase is Phase.PREFILLING:
-                end = min(entry.prefilled + self.prefill_chunk, len(entry.request.prompt_ids))
-                prefill = PrefillChunk(entry.seq_id, entry.request, entry.prefilled, end)
-                break
+        prefill = self._plan_prefill()
         decoding = tuple(e.seq_id for e in self._running.values() if e.phase is Phase.DECODING)
         if self.batch_size == 1 and decoding:
             self._turn %= len(decoding)
             decoding = (decoding[self._turn],)
             self._turn += 1
         return StepPlan(prefill=prefill, decode=decoding)
+
+    def _plan_prefill(self) -> tuple[PrefillChunk, ...]:
+        """The oldest prefilling sequence's next chunk, or, when its whole prompt fits the budget, it and
+        the next whole prompts that fit along with it (left-padded to the longest, so budget = n * width)."""
+        prefilling = [e for e in self._running.values() if e.phase is Phase.PREFILLING]
+        if not prefilling:
+            return ()
+        head = prefilling[0]
+        size = len(head.request.prompt_ids)
+        if head.prefilled > 0 or size > self.prefill_chunk or self.batch_size == 1:
+            end = min(head.prefilled + self.prefill_chunk, size)
+            return (PrefillChunk(head.seq_id, head.request, head.prefilled, end),)
+        group, width = [head], size
+        for entry in prefilling[1:]:
+            wider = max(width, len(entry.request.prompt_ids))
+            if entry.prefilled > 0 or wider * (len(group) + 1) > self.prefill_chunk:
+                break
+            group.append(entry)
+            width = wider
+        return tuple(PrefillChunk(e.seq_id, e.request, 0, len(e.request.prompt_ids)) for e in group)
 
     def prefilled(self, chunk: PrefillChunk) -> None:
         """Records that ``chunk`` ran; after the last chunk the sequence decodes from the next step on."""

@@ -87,21 +87,21 @@ class PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """One trip to the device: at most one prefill chunk, then one decode pass over ``decode``.
+    """One trip to the device: a prefill pass, then one decode pass over ``decode``.
 
+    ``prefill`` is one chunk of one prompt, or several whole prompts prefilled together in one forward pass.
     ``decode`` lists every sequence that has finished prefill and is still live (batched mode), or one of
     them (one-request-per-pass mode).
     """
 
-    prefill: PrefillChunk | None = None
+    prefill: tuple[PrefillChunk, ...] = ()
     decode: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
-        return self.prefill is not None or bool(self.decode)
+        return bool(self.prefill) or bool(self.decode)
 
     def seq_ids(self) -> tuple[int, ...]:
-        head = (self.prefill.seq_id,) if self.prefill is not None else ()
-        return head + self.decode
+        return tuple(chunk.seq_id for chunk in self.prefill) + self.decode
 
 
 @dataclass(frozen=True, slots=True)
