@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from quart_trio import QuartTrio
-
-from trioserve.app import create_app
+from trioserve.app import TrioserveApp
+from trioserve.cli import build_app
 from trioserve.config import Settings
 from trioserve.engine import Engine
 from trioserve.loading import load_runner
@@ -35,36 +35,33 @@ class SlowRunner(TransformersRunner):
         return super().step(plan)
 
 
-def demo_runner(*, slow: bool = False, **settings: object) -> TransformersRunner:
-    runner = load_runner(Settings(**settings))  # type: ignore[arg-type]
+def demo_runner(*, slow: bool = False) -> TransformersRunner:
+    runner = load_runner(Settings())
     if slow:
         runner.__class__ = SlowRunner
     return runner
 
 
-def demo_engine(*, slow: bool = False, max_concurrent: int = 8, max_queue: int = 64, **settings: object) -> Engine:
-    return Engine(
-        functools.partial(demo_runner, slow=slow, **settings),
-        max_concurrent=max_concurrent,
-        max_queue=max_queue,
-        batch_size=max_concurrent,
-        prefill_chunk=64,
-        hotload=True,
-    )
+def demo_app(*, slow: bool = False, **settings: Any) -> TrioserveApp:
+    """The app the CLI would build for these settings (hotload on), on the demo model."""
+    options = Settings(hotload=True, prefill_chunk=64, **{"max_concurrent": 8, "max_queue": 64} | settings)
+    return build_app(options, load=functools.partial(demo_runner, slow=slow))
 
 
 @dataclass
 class Served:
     url: str
-    app: QuartTrio
-    engine: Engine
+    app: TrioserveApp
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.engine
 
 
 @asynccontextmanager
 async def serve_on_loopback(
-    engine: Engine, *, certfile: str | None = None, keyfile: str | None = None
+    app: TrioserveApp, *, certfile: str | None = None, keyfile: str | None = None
 ) -> AsyncIterator[Served]:
-    app = create_app(engine)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.certfile = certfile
@@ -73,5 +70,5 @@ async def serve_on_loopback(
     config.graceful_timeout = 0.5
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
-        yield Served(binds[0], app, engine)
+        yield Served(binds[0], app)
         nursery.cancel_scope.cancel()

@@ -9,15 +9,14 @@ from typing import Any
 import pytest
 from quart.typing import TestClientProtocol as Client
 
-from tests.servers import demo_engine
-from trioserve.app import create_app
+from tests.servers import demo_app
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[Client]:
-    app = create_app(demo_engine(), max_body_bytes=64 * 1024)
+    app = demo_app(max_body_bytes=64 * 1024)
     async with app.test_app() as test_app:
         yield test_app.test_client()
 

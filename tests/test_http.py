@@ -15,7 +15,7 @@ import trustme
 
 from tests.conftest import live_caches
 from tests.h2client import H2Client
-from tests.servers import demo_engine, serve_on_loopback
+from tests.servers import demo_app, serve_on_loopback
 from trioserve.engine import Engine
 from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
@@ -43,7 +43,7 @@ def prompt_tokens() -> int:
 
 
 async def test_openai_sdk_non_streaming_and_streaming() -> None:
-    async with serve_on_loopback(demo_engine()) as served:
+    async with serve_on_loopback(demo_app()) as served:
         client = openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
 
         def non_streaming() -> object:
@@ -97,7 +97,7 @@ async def test_openai_sdk_non_streaming_and_streaming() -> None:
 
 
 async def test_h2c_stream_with_prior_knowledge() -> None:
-    async with serve_on_loopback(demo_engine()) as served, httpx.AsyncClient(http1=False, http2=True) as client:
+    async with serve_on_loopback(demo_app()) as served, httpx.AsyncClient(http1=False, http2=True) as client:
         body = {"messages": MESSAGES, "max_tokens": 6, "stream": True, "ignore_eos": True}
         async with client.stream("POST", served.url + "/v1/chat/completions", json=body) as response:
             assert response.http_version == "HTTP/2"
@@ -115,8 +115,7 @@ async def test_tls_negotiates_h2_through_alpn(tmp_path: Path) -> None:
     cert.private_key_pem.write_to_path(str(keyfile))
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    engine = demo_engine()
-    async with serve_on_loopback(engine, certfile=str(certfile), keyfile=str(keyfile)) as served:
+    async with serve_on_loopback(demo_app(), certfile=str(certfile), keyfile=str(keyfile)) as served:
         assert served.url.startswith("https://")
         async with httpx.AsyncClient(http2=True, verify=context) as client:
             response = await client.post(
@@ -128,8 +127,8 @@ async def test_tls_negotiates_h2_through_alpn(tmp_path: Path) -> None:
 
 
 async def assert_stops_within_one_step(engine: Engine, at_close: int | None) -> None:
-    with trio.fail_after(5):
-        while engine.is_live("watched"):
+    with trio.fail_after(5):  # the record appears once its KV is released
+        while not any(r.request_id == "watched" for r in engine.history):
             await trio.sleep(0.005)
     final = engine.forward_passes("watched")
     assert at_close is not None and final is not None
@@ -142,8 +141,8 @@ async def assert_stops_within_one_step(engine: Engine, at_close: int | None) -> 
 
 
 async def test_http1_close_stops_forward_passes_within_one_step() -> None:
-    engine = demo_engine(slow=True)
-    async with serve_on_loopback(engine) as served, httpx.AsyncClient() as client:
+    async with serve_on_loopback(demo_app(slow=True)) as served, httpx.AsyncClient() as client:
+        engine = served.engine
         headers = {"X-Request-Id": "watched"}
         async with client.stream("POST", served.url + "/chat/completions", json=LONG, headers=headers) as response:
             assert response.status_code == 200
@@ -155,8 +154,8 @@ async def test_http1_close_stops_forward_passes_within_one_step() -> None:
 
 
 async def test_http2_stream_reset_stops_forward_passes_within_one_step() -> None:
-    engine = demo_engine(slow=True)
-    async with serve_on_loopback(engine) as served, trio.open_nursery() as nursery:
+    async with serve_on_loopback(demo_app(slow=True)) as served, trio.open_nursery() as nursery:
+        engine = served.engine
         client = await H2Client.connect(served.url, nursery)
         stream_id = await client.post("/v1/chat/completions", LONG, {"x-request-id": "watched"})
         state = await client.wait_for(stream_id, events=5)
@@ -173,8 +172,8 @@ async def test_http2_stream_reset_stops_forward_passes_within_one_step() -> None
 
 
 async def test_many_aborted_streams_leave_nothing_behind() -> None:
-    engine = demo_engine(max_concurrent=8)
-    async with serve_on_loopback(engine) as served:
+    async with serve_on_loopback(demo_app()) as served:
+        engine = served.engine
 
         async def abort_one(client: httpx.AsyncClient, index: int) -> None:
             async with client.stream("POST", served.url + "/v1/chat/completions", json=LONG) as response:

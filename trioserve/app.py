@@ -1,150 +1,93 @@
-"""The HTTP surface: a Quart-Trio app with OpenAI's routes, SSE framing and OpenAI error objects.
+"""The HTTP surface: a Quart-Trio app with OpenAI's routes, auth, CORS, metrics and graceful drain.
 
-Each HTTP request runs in its own nursery (quart-trio's connection handler), whose cancel scope is cancelled
-when the client goes away: an HTTP/1.1 close or an HTTP/2 stream reset both reach the app as
-``http.disconnect``. Our connection class records that it was a disconnect (so the log can say why) and owns
-every token stream the request opened, closing them when the request's nursery is done, however it ended.
-That covers the gap between a handler returning a streaming response and Quart starting to iterate it.
+The app's lifespan owns the engine's step loop (started with ``nursery.start``, stopped by cancelling its
+scope after Hypercorn's graceful shutdown). Per-request plumbing lives in `trioserve.httpio`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from quart import Response, request
-from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from trioserve.engine import Engine, TokenStream
-from trioserve.errors import InvalidRequest, PayloadTooLarge, TrioserveError
+from trioserve.config import Settings
+from trioserve.engine import Engine
+from trioserve.errors import InvalidRequest, PayloadTooLarge, TrioserveError, Unavailable
+from trioserve.httpio import (
+    CORS_ALLOW_HEADERS,
+    SSE_HEADERS,
+    RequestState,
+    TrioserveConnection,
+    check_api_key,
+    cors_origin,
+    current_state,
+    error_response,
+    json_response,
+    read_json,
+    sse_event,
+    validation_error,
+)
+from trioserve.metrics import CONTENT_TYPE, Metrics
 from trioserve.protocol import ChatCompletionChunk, ChatCompletionRequest, dump
 from trioserve.serving import ChatService
 
 logger = logging.getLogger(__name__)
 
-_STATE_KEY = "trioserve.request"
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx and friends: pass chunks on at once
-}
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 
 
-@dataclass(eq=False)
-class RequestState:
-    """Per-HTTP-request bookkeeping shared by the connection and the handler (through the ASGI scope)."""
+class TrioserveApp(QuartTrio):
+    """The app, with the engine it serves, its metrics, and whether it is draining."""
 
-    request_id: str
-    disconnected: bool = False
-    streams: list[TokenStream] = field(default_factory=list)
+    engine: Engine
+    metrics: Metrics
+    settings: Settings
+    draining: bool = False
 
-    def own(self, stream: TokenStream) -> TokenStream:
-        self.streams.append(stream)
-        return stream
-
-    def note_disconnect(self) -> None:
-        self.disconnected = True
-        for stream in self.streams:
-            if not stream.finished:
-                logger.warning("cancelling %s: client disconnected", stream.request_id)
-
-    def close_all(self) -> None:
-        """Safety net: every stream this request opened is closed when the request ends, however."""
-        for stream in self.streams:
-            stream.close()
+    def start_draining(self) -> None:
+        """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on."""
+        if not self.draining:
+            logger.info("draining: %d request(s) in flight", self.engine.active)
+        self.draining = True
 
 
-class _Connection(TrioASGIHTTPConnection):
-    """quart-trio's HTTP connection, plus: who cancelled, and closing the request's token streams."""
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        state = RequestState(request_id=_incoming_request_id(self.scope))
-        self.scope[_STATE_KEY] = state  # type: ignore[literal-required]
+def _request_timeout(settings: Settings, body: ChatCompletionRequest) -> float:
+    """The request's time limit: its own (header or body) if given, never more than the server's."""
+    header = request.headers.get("X-Request-Timeout")
+    requested = body.request_timeout
+    if header is not None:
         try:
-            await super().__call__(receive, send)
-        finally:
-            state.close_all()
-
-    async def handle_messages(  # type: ignore[override]
-        self, nursery: trio.Nursery, request: Any, receive: ASGIReceiveCallable
-    ) -> None:
-        # Returns only on http.disconnect: the response finishing cancels this task instead.
-        await ASGIHTTPConnection.handle_messages(self, request, receive)
-        state: RequestState = self.scope[_STATE_KEY]  # type: ignore[literal-required]
-        state.note_disconnect()
-        nursery.cancel_scope.cancel()
+            requested = float(header)
+        except ValueError:
+            raise InvalidRequest("X-Request-Timeout must be a number of seconds", param="X-Request-Timeout") from None
+        if not requested > 0:
+            raise InvalidRequest("X-Request-Timeout must be positive", param="X-Request-Timeout")
+    return min(requested, settings.request_timeout) if requested is not None else settings.request_timeout
 
 
-def _incoming_request_id(scope: Any) -> str:
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
-            return str(value.decode("latin-1"))
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def _state() -> RequestState:
-    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
-    state: RequestState = scope[_STATE_KEY]
-    return state
-
-
-def error_response(error: TrioserveError) -> Response:
-    return Response(
-        json.dumps(error.to_dict()), status=error.status, headers=error.headers(), content_type="application/json"
-    )
-
-
-def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
-    payload = dump(model) if isinstance(model, BaseModel) else model
-    return Response(json.dumps(payload, ensure_ascii=False), status=status, content_type="application/json")
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
-async def _read_json(max_body_bytes: int) -> Any:
-    """The request body as JSON, or an OpenAI error: wrong content type, too large, malformed."""
-    content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-    if content_type not in ("application/json", ""):
-        raise InvalidRequest(f"Content-Type must be application/json, got {content_type!r}")
-    if request.content_length is not None and request.content_length > max_body_bytes:
-        raise PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes")
-    body = await request.get_data(cache=False)
-    if len(body) > max_body_bytes:
-        raise PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-
-
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return InvalidRequest(message, param=param, code="invalid_value" if param else None)
-
-
-def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_bytes: int = 4 * 1024 * 1024) -> QuartTrio:
-    """Builds the app around an engine; the app's lifespan starts and stops the engine's step loop."""
-    app = QuartTrio(__name__)
-    app.asgi_http_class = _Connection
+def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Metrics | None = None) -> TrioserveApp:
+    """Builds the app around an engine (whose ``on_record`` should feed ``metrics``, see `cli.build_engine`)."""
+    settings = settings or Settings()
+    app = TrioserveApp(__name__)
+    app.engine = engine
+    app.settings = settings
+    app.metrics = metrics or Metrics()
+    app.metrics.watch(engine)
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does; deadlines are ours
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    service = ChatService(engine, strict_model_name=strict_model_name)
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+
+    class Connection(TrioserveConnection):
+        on_request_end = staticmethod(lambda state, ended: _request_ended(app, state, ended))
+
+    app.asgi_http_class = Connection
+    service = ChatService(engine, strict_model_name=settings.strict_model_name)
     engine_scope = trio.CancelScope()
 
     @app.before_serving
@@ -157,7 +100,28 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
 
     @app.after_serving
     async def stop_engine() -> None:
+        app.start_draining()
         engine_scope.cancel()
+
+    @app.before_request
+    async def guard() -> Response | None:
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            return _preflight(settings)
+        path = request.path
+        public = path == "/health" or (path == "/metrics" and settings.metrics_public)
+        if settings.api_key and not public:
+            check_api_key(settings.api_key)
+        return None
+
+    @app.after_request
+    async def decorate(response: Response) -> Response:
+        response.headers["X-Request-Id"] = current_state().request_id
+        origin = cors_origin(settings.cors_origin)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            response.headers["Vary"] = "Origin"
+        return response
 
     @app.errorhandler(TrioserveError)
     async def on_trioserve_error(error: TrioserveError) -> Response:
@@ -167,11 +131,9 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
     async def on_http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 413:
-            return error_response(PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes"))
-        wrapped = InvalidRequest(
-            f"{error.name}: {request.method} {request.path}", code=error.name.lower().replace(" ", "_")
-        )
-        response = error_response(wrapped)
+            return error_response(PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes"))
+        code = error.name.lower().replace(" ", "_")
+        response = error_response(InvalidRequest(f"{error.name}: {request.method} {request.path}", code=code))
         response.status_code = status
         return response
 
@@ -180,26 +142,29 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(TrioserveError(f"internal server error: {type(error).__name__}"))
 
-    @app.after_request
-    async def echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-Id"] = _state().request_id
-        return response
-
     @app.get("/health")
     async def health() -> Response:
-        payload: dict[str, Any] = {
+        runner = engine.runner
+        payload = {
             "status": "ok",
-            "model": engine.runner.model_id if engine.runner is not None else None,
+            "model": runner.model_id if runner is not None else None,
             "running": engine.running,
             "waiting": engine.waiting,
-            "live_sequences": engine.runner.live_sequences() if engine.runner is not None else 0,
+            "live_sequences": runner.live_sequences() if runner is not None else 0,
         }
-        if engine.load_error is not None:
-            payload["status"] = "failed"
-            payload["error"] = str(engine.load_error)
+        if app.draining:
+            payload["status"] = "draining"
+        elif engine.load_error is not None:
+            payload.update(status="failed", error=str(engine.load_error))
         elif engine.loading:
             payload["status"] = "loading"
+        elif engine.failed_steps_in_a_row >= 3:
+            payload["status"] = "failing"
         return json_response(payload, status=200 if payload["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(app.metrics.render(), content_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     @app.get("/models")
@@ -209,16 +174,24 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions() -> Response:
-        state = _state()
-        raw = await _read_json(max_body_bytes)
+        state = current_state()
+        if app.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        raw = await read_json(settings.max_body_bytes)
         try:
             body = ChatCompletionRequest.model_validate(raw)
         except ValidationError as exc:
-            raise _validation_error(exc) from None
-        prepared = await service.prepare(body, request_id=state.request_id)
-        stream = state.own(engine.submit(prepared.generation))
+            raise validation_error(exc) from None
+        time_limit = _request_timeout(settings, body)
+        prepared = await service.prepare(body, request_id=state.request_id, time_limit=time_limit)
+        state.timing = prepared.timing
+        stream = state.own(engine.submit(prepared.generation))  # 429 here, before any response starts
         if not body.stream:
-            return json_response(await service.complete(prepared, stream))
+            try:
+                return json_response(await service.complete(prepared, stream))
+            except TrioserveError:
+                state.abort_reason = prepared.timing.aborted
+                raise
 
         async def events() -> AsyncIterator[bytes]:
             # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
@@ -227,6 +200,7 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
                     if isinstance(item, ChatCompletionChunk):
                         yield sse_event(dump(item))
                     else:
+                        state.abort_reason = prepared.timing.aborted or "error"
                         yield sse_event(item.to_dict())
                         return
             yield b"data: [DONE]\n\n"
@@ -236,3 +210,27 @@ def create_app(engine: Engine, *, strict_model_name: bool = False, max_body_byte
         return response
 
     return app
+
+
+def _preflight(settings: Settings) -> Response:
+    origin = cors_origin(settings.cors_origin)
+    if origin is None:
+        return Response("", status=403)
+    return Response(
+        "",
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
+def _request_ended(app: TrioserveApp, state: RequestState, ended: float) -> None:
+    if state.path in CHAT_PATHS:
+        # 499, as nginx logs it: the client went away before a response started.
+        status = state.status or (499 if state.disconnected else 500)
+        app.metrics.finish(status, state.timing, ended, state.abort_reason)

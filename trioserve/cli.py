@@ -11,29 +11,35 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from trioserve.app import create_app
+from trioserve.app import TrioserveApp, create_app
 from trioserve.config import ConfigError, Settings, load_settings
 from trioserve.engine import Engine
 from trioserve.loading import check_settings, load_runner
+from trioserve.metrics import Metrics
+from trioserve.types import Runner
 
 logger = logging.getLogger("trioserve")
 
 
-def build_engine(settings: Settings) -> Engine:
-    return Engine(
-        functools.partial(load_runner, settings),
+def build_app(settings: Settings, load: Callable[[], Runner] | None = None) -> TrioserveApp:
+    """Settings -> runner factory -> engine (feeding the metrics) -> app. ``load`` replaces the factory."""
+    metrics = Metrics()
+    engine = Engine(
+        load or functools.partial(load_runner, settings),
         max_concurrent=settings.max_concurrent,
         max_queue=settings.max_queue,
         batch_size=settings.batch_size,
         prefill_chunk=settings.prefill_chunk,
         hotload=settings.hotload,
+        on_record=metrics.record,
     )
+    return create_app(engine, settings, metrics=metrics)
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -44,24 +50,30 @@ def hypercorn_config(settings: Settings) -> Config:
     config.keyfile = settings.keyfile
     config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
-    config.graceful_timeout = 30.0
+    config.graceful_timeout = settings.graceful_timeout
     return config
 
 
-async def _shutdown_signal() -> None:
+async def drain_on_signal(app: TrioserveApp) -> None:
+    """Hypercorn's shutdown trigger: returns on SIGINT or SIGTERM, after marking the app as draining."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logger.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+            logger.info(
+                "received %s: draining (graceful timeout %gs)",
+                signal.Signals(signum).name,
+                app.settings.graceful_timeout,
+            )
+            app.start_draining()
             return
 
 
 async def serve_forever(settings: Settings) -> None:
-    engine = build_engine(settings)
-    app = create_app(engine)
+    app = build_app(settings)
     config = hypercorn_config(settings)
     scheme = "https" if settings.certfile else "http"
     logger.info("trioserve listening on %s://%s:%d (HTTP/1.1 and HTTP/2)", scheme, settings.host, settings.port)
-    await serve(app, config, shutdown_trigger=_shutdown_signal)
+    await serve(app, config, shutdown_trigger=functools.partial(drain_on_signal, app))
+    logger.info("shut down cleanly")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,13 @@ class Settings(BaseModel):
     port: int = Field(7088, ge=0, le=65535, description="port to listen on")
     certfile: str | None = Field(None, description="TLS certificate (enables HTTPS with HTTP/2 via ALPN)")
     keyfile: str | None = Field(None, description="TLS private key")
+    request_timeout: float = Field(600.0, gt=0, description="seconds a request may take (per-request override)")
+    graceful_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM/SIGINT")
+    api_key: list[str] = Field([], description="accepted Bearer key (repeatable; env: comma-separated)")
+    metrics_public: bool = Field(False, description="serve /metrics without an API key")
+    cors_origin: list[str] = Field([], description="allowed CORS origin (repeatable; '*' for any)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    strict_model_name: bool = Field(False, description="404 for requests naming another model")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @model_validator(mode="after")
@@ -73,6 +80,13 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "port": ("PORT",),
     "certfile": ("SSL_CERTFILE",),
     "keyfile": ("SSL_KEYFILE",),
+    "request_timeout": ("REQUEST_TIMEOUT",),
+    "graceful_timeout": ("GRACEFUL_TIMEOUT",),
+    "api_key": ("API_KEY", "API_KEYS"),
+    "metrics_public": ("METRICS_PUBLIC",),
+    "cors_origin": ("CORS_ORIGIN", "CORS_ORIGINS"),
+    "max_body_bytes": ("MAX_BODY_BYTES",),
+    "strict_model_name": ("STRICT_MODEL_NAME",),
     "log_level": ("LOG_LEVEL",),
 }
 
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{info.description} [{env_name(name)}; default: {info.default}]"
         if info.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif info.annotation == list[str]:
+            parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, help=help_text)
     return parser
@@ -135,11 +151,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             continue
         if info.annotation is bool and isinstance(value, str):
             value = _parse_bool(value, env_name(name))
+        if info.annotation == list[str] and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
         if isinstance(value, str) and value.strip() == "" and info.default is None:
             continue
         values[name] = value
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -147,3 +165,6 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             where = f"--{field.replace('_', '-')} / {env_name(field)}" if field in _ENV_NAMES else "settings"
             problems.append(f"{where}: {err['msg']}")
         raise ConfigError("; ".join(problems)) from None
+    if any(key.strip() != key or not key for key in settings.api_key):
+        raise ConfigError("--api-key / API_KEY: keys must be non-empty and have no surrounding spaces")
+    return settings

@@ -45,12 +45,29 @@ async def run_in_thread(
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
-    """What the engine remembers of a finished request (a bounded history, for /health and tests)."""
+    """What the engine remembers of a finished request (a bounded history, and the metrics observer).
+
+    Times are ``trio.current_time()`` values; ``started`` is None if it never reached a forward pass.
+    """
 
     request_id: str
     forward_passes: int
+    prompt_tokens: int
     generated: int
     outcome: str  # a FinishReason value; "error"; or "closed": the request left before the sequence ended
+    submitted: float
+    started: float | None
+    left: float  # when it left the engine (finished, failed, or closed)
+    released: float  # when the runner dropped its KV (== left unless a step was in flight)
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started if self.started is not None else self.left) - self.submitted
+
+    @property
+    def release_seconds(self) -> float:
+        """From leaving to the KV being gone: at most the rest of the step in flight."""
+        return self.released - self.left
 
 
 @dataclass(eq=False)
@@ -58,6 +75,9 @@ class _Sequence:
     seq_id: int
     request: GenerationRequest
     send: trio.MemorySendChannel[TokenEvent | TrioserveError]
+    submitted: float = 0.0
+    started: float | None = None
+    left: float = 0.0
     generated: int = 0
     forward_passes: int = 0
     outcome: str | None = None  # set once the sequence has left the engine
@@ -150,6 +170,7 @@ class Engine:
         limiter: the device's limiter; every forward pass holds a token of it.
         offload: how a step is run off the event loop (tests pass one that takes virtual time).
         history: how many finished requests `history` remembers.
+        on_record: called with each request's record once its KV is released (metrics).
     """
 
     def __init__(
@@ -164,6 +185,7 @@ class Engine:
         limiter: trio.CapacityLimiter | None = None,
         offload: Offload = run_in_thread,
         history: int = 1024,
+        on_record: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self._load_runner = load_runner
         self._max_concurrent = max_concurrent
@@ -187,6 +209,8 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.steps = 0
         self.history: deque[RequestRecord] = deque(maxlen=history)
+        self._on_record = on_record
+        self.failed_steps_in_a_row = 0
 
     # -- state for /health and metrics ----------------------------------------------------------------
 
@@ -291,7 +315,7 @@ class Engine:
                 f"{self._scheduler.max_waiting} queued); retry later",
             ) from None
         send, receive = trio.open_memory_channel[TokenEvent | TrioserveError](math.inf)
-        sequence = _Sequence(seq_id, request, send)
+        sequence = _Sequence(seq_id, request, send, submitted=trio.current_time())
         self._sequences[seq_id] = sequence
         self._wakeup.set()
         return TokenStream(sequence, receive, self)
@@ -309,17 +333,34 @@ class Engine:
         if sequence.outcome is not None:
             return False
         sequence.outcome = outcome
+        sequence.left = trio.current_time()
         del self._sequences[sequence.seq_id]
         sequence.send.close()
         assert self._scheduler is not None
         entry = self._scheduler.remove(sequence.seq_id)
         if entry is not None and self._runner_holds(entry):
             self._release(sequence)
-        self.history.append(
-            RequestRecord(sequence.request.request_id, sequence.forward_passes, sequence.generated, outcome)
-        )
+        else:
+            self._record(sequence)
         self._wakeup.set()  # a slot or a queue place is free
         return True
+
+    def _record(self, sequence: _Sequence) -> None:
+        assert sequence.outcome is not None
+        record = RequestRecord(
+            request_id=sequence.request.request_id,
+            forward_passes=sequence.forward_passes,
+            prompt_tokens=len(sequence.request.prompt_ids),
+            generated=sequence.generated,
+            outcome=sequence.outcome,
+            submitted=sequence.submitted,
+            started=sequence.started,
+            left=sequence.left,
+            released=trio.current_time(),
+        )
+        self.history.append(record)
+        if self._on_record is not None:
+            self._on_record(record)
 
     def _runner_holds(self, entry: Entry) -> bool:
         """Whether the runner has (or, mid-step, may be creating) state for this sequence."""
@@ -334,6 +375,7 @@ class Engine:
         else:
             assert self.runner is not None
             self.runner.release(sequence.seq_id)
+            self._record(sequence)
 
     async def _wait_released(self, sequence: _Sequence) -> None:
         with trio.CancelScope(shield=True):
@@ -350,16 +392,22 @@ class Engine:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
+            now = trio.current_time()
             for seq_id in plan.seq_ids():
-                self._sequences[seq_id].forward_passes += 1
+                sequence = self._sequences[seq_id]
+                sequence.forward_passes += 1
+                if sequence.started is None:
+                    sequence.started = now
             self._step_in_flight = plan
             self.steps += 1
             try:
                 output = await self._offload(runner.step, plan, self.limiter)
             except Exception as exc:
                 self._apply_deferred_releases(runner)
+                self.failed_steps_in_a_row += 1
                 self._fail(plan, exc)
                 continue
+            self.failed_steps_in_a_row = 0
             self._apply_deferred_releases(runner)
             self._deliver(plan, output, runner)
 
@@ -369,6 +417,7 @@ class Engine:
         for sequence in releases:
             runner.release(sequence.seq_id)
             sequence.release_pending = False
+            self._record(sequence)
         self._step_done.set()
         self._step_done = trio.Event()
 

@@ -5,7 +5,7 @@ The tree::
     TrioserveError                      500 server_error (base; never raised bare)
     ├── InvalidRequest                  400 invalid_request_error (param names the field)
     │   └── ContextLengthExceeded       400 invalid_request_error, code context_length_exceeded
-    ├── AuthenticationFailed            401 authentication_error, code invalid_api_key
+    ├── AuthenticationFailed            401 invalid_request_error, code invalid_api_key (as OpenAI)
     ├── ModelNotFound                   404 invalid_request_error, code model_not_found
     ├── PayloadTooLarge                 413 invalid_request_error, code payload_too_large
     ├── Overloaded                      429 rate_limit_error, Retry-After (the wait queue is full)
@@ -64,8 +64,11 @@ class ContextLengthExceeded(InvalidRequest):
 
 class AuthenticationFailed(TrioserveError):
     status = 401
-    error_type = "authentication_error"
+    error_type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class ModelNotFound(TrioserveError):
@@ -106,6 +109,10 @@ class DeadlineExceeded(TrioserveError):
     status = 504
     error_type = "timeout"
     default_code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        # The official SDKs retry 5xx unless told not to: the same request would only time out again.
+        return {"x-should-retry": "false"}
 
 
 class GenerationFailed(TrioserveError):

@@ -87,6 +87,7 @@ class _SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     truncate: Annotated[int, Field(ge=1)] | None = None  # keep only the last N prompt tokens (old server)
+    request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; capped by the server's
 
     @field_validator("stop")
     @classmethod

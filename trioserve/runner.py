@@ -124,6 +124,10 @@ class TransformersRunner:
     def live_sequences(self) -> int:
         return len(self._sequences)
 
+    def kv_tokens(self) -> int:
+        groups = {id(s.group): s.group for s in self._sequences.values()}
+        return sum(int(group.mask.numel()) for group in groups.values())
+
     # -- Runner Protocol: lifecycle -------------------------------------------------------------------
 
     def release(self, seq_id: int) -> None:

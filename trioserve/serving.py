@@ -10,8 +10,10 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
+import trio
+
 from trioserve.engine import Engine, TokenStream
-from trioserve.errors import ContextLengthExceeded, ModelNotFound, TrioserveError, Unavailable
+from trioserve.errors import ContextLengthExceeded, DeadlineExceeded, ModelNotFound, TrioserveError, Unavailable
 from trioserve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -82,6 +84,29 @@ class TextAssembler:
 
 
 @dataclass
+class RequestTiming:
+    """What happened to one request, in trio time, for its log line and the metrics."""
+
+    arrived: float
+    deadline: float
+    prompt_tokens: int | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    gaps: list[float] = field(default_factory=list)  # between consecutive tokens
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    aborted: str | None = None  # "deadline" or "error" when serving ended it
+
+    def token(self, now: float) -> None:
+        self.completion_tokens += 1
+        if self.first_token is None:
+            self.first_token = now
+        elif self.last_token is not None:
+            self.gaps.append(now - self.last_token)
+        self.last_token = now
+
+
+@dataclass
 class PreparedChat:
     """A validated chat request, ready to hand to the engine."""
 
@@ -91,7 +116,7 @@ class PreparedChat:
     created: int
     model: str
     stops: list[str]
-    usage: Usage | None = field(default=None)
+    timing: RequestTiming
 
     @property
     def request_id(self) -> str:
@@ -114,14 +139,22 @@ class ChatService:
         runner = await self.engine.ensure_loaded()
         return ModelList(data=[ModelCard(id=runner.model_id, created=now())])
 
-    async def prepare(self, body: ChatCompletionRequest, *, request_id: str | None = None) -> PreparedChat:
+    async def prepare(
+        self, body: ChatCompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
+    ) -> PreparedChat:
         """Validates against the model and builds the engine request.
+
+        Args:
+            body: the parsed request.
+            request_id: the id to use (the client's X-Request-Id), else a new ``chatcmpl-`` id.
+            time_limit: seconds from now the whole request may take (its deadline).
 
         Raises:
             InvalidRequest: the prompt or a parameter does not fit the model.
             ModelNotFound: with ``strict_model_name``, the request named another model.
             Unavailable: the model failed to load.
         """
+        arrived = trio.current_time()
         runner = await self.engine.ensure_loaded()
         if self.strict_model_name and body.model not in (None, runner.model_id):
             raise ModelNotFound(f"The model `{body.model}` does not exist.", param="model")
@@ -143,6 +176,32 @@ class ChatService:
             created=now(),
             model=runner.model_id,
             stops=body.stop_strings(),
+            timing=RequestTiming(arrived=arrived, deadline=arrived + time_limit, prompt_tokens=len(prompt_ids)),
+        )
+
+    async def _next(self, prepared: PreparedChat, stream: TokenStream) -> TokenEvent | None:
+        """The next token event, or None at the end.
+
+        The deadline is applied to each wait, never across a ``yield``: a cancel scope must not stay open
+        while an async generator is suspended, so the streaming path checks it here, token by token.
+
+        Raises:
+            DeadlineExceeded: the request's deadline passed while waiting.
+        """
+        timing = prepared.timing
+        with trio.move_on_at(timing.deadline):
+            try:
+                event = await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+            except TrioserveError:
+                timing.aborted = "error"
+                raise
+            timing.token(trio.current_time())
+            return event
+        timing.aborted = "deadline"
+        raise DeadlineExceeded(
+            f"the request took longer than its deadline ({timing.deadline - timing.arrived:g} s)",
         )
 
     def _assembler(self, prepared: PreparedChat) -> TextAssembler:
@@ -164,7 +223,7 @@ class ChatService:
         logprobs: list[TokenLogprob] = []
         finish: FinishReason | None = None
         async with stream:
-            async for event in stream:
+            while (event := await self._next(prepared, stream)) is not None:
                 piece = assembler.feed(event, eos=self._is_eos(event))
                 parts.append(piece.text)
                 logprobs.extend(piece.logprobs)
@@ -174,6 +233,7 @@ class ChatService:
             stream.close()  # a stop string ends it early: free the slot now, not after the response
         if finish is None:
             raise Unavailable("the request was cancelled by the server")
+        prepared.timing.finish_reason = finish.value
         choice = ChatChoice(
             index=0,
             message=AssistantMessage(content="".join(parts)),
@@ -220,7 +280,7 @@ class ChatService:
         async with stream:
             yield chunk(Delta(role="assistant", content=""))
             try:
-                async for event in stream:
+                while (event := await self._next(prepared, stream)) is not None:
                     piece = assembler.feed(event, eos=self._is_eos(event))
                     if piece.text or piece.logprobs:
                         yield chunk(Delta(content=piece.text), logprobs=piece.logprobs)
@@ -234,6 +294,7 @@ class ChatService:
             if finish is None:
                 yield Unavailable("the request was cancelled by the server")
                 return
+            prepared.timing.finish_reason = finish.value
             yield chunk(Delta(), finish)
             options = prepared.body.stream_options
             if options is not None and options.include_usage:

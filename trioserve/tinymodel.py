@@ -30,8 +30,8 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-_CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th br st tr pl".split()
-_VOWELS = "a e i o u ai ea ou ie".split()
+_CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th br st tr pl".split()  # noqa: SIM905
+_VOWELS = "a e i o u ai ea ou ie".split()  # noqa: SIM905
 
 
 def _synthetic_corpus(words: int, seed: int = 0) -> list[str]:

@@ -153,6 +153,10 @@ class Runner(Protocol):
         """Sequences whose KV the runner still holds (released rows awaiting compaction not counted)."""
         ...
 
+    def kv_tokens(self) -> int:
+        """Token positions held in KV caches, padding included (what the memory holds)."""
+        ...
+
 
 class Detokenizer(Protocol):
     """Token ids in, text deltas out, never splitting a UTF-8 character."""

@@ -1,0 +1,210 @@
+"""HTTP plumbing under the routes: the per-request connection, its state, auth, CORS, JSON and SSE.
+
+quart-trio runs each HTTP request in its own nursery and cancels it when the client goes away: an HTTP/1.1
+close and an HTTP/2 stream reset both reach the app as ``http.disconnect``. `TrioserveConnection` adds what
+the routes need on top: it records that the cancellation was a disconnect (so the log says why), owns every
+token stream the request opened and closes them when the request ends however it ends (covering the gap
+between a handler returning a streaming response and Quart iterating it), and writes the access log line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent
+from pydantic import BaseModel, ValidationError
+from quart import Response, request
+from quart.asgi import ASGIHTTPConnection
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+from trioserve.engine import TokenStream
+from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
+from trioserve.protocol import dump
+from trioserve.serving import RequestTiming
+
+logger = logging.getLogger("trioserve")
+access_logger = logging.getLogger("trioserve.access")
+
+STATE_KEY = "trioserve.request"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and friends: pass chunks on at once
+}
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Request-Timeout"
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Per-HTTP-request bookkeeping shared by the connection and the handler (through the ASGI scope)."""
+
+    request_id: str
+    method: str
+    path: str
+    disconnected: bool = False
+    status: int = 0
+    timing: RequestTiming | None = None
+    abort_reason: str | None = None  # disconnect, deadline, drain, error
+    streams: list[TokenStream] = field(default_factory=list)
+
+    def own(self, stream: TokenStream) -> TokenStream:
+        self.streams.append(stream)
+        return stream
+
+    def note_disconnect(self) -> None:
+        self.disconnected = True
+        for stream in self.streams:
+            if not stream.finished:
+                logger.warning("cancelling %s: client disconnected", stream.request_id)
+                self.abort_reason = self.abort_reason or "disconnect"
+
+    def close_all(self) -> bool:
+        """Safety net: closes every stream this request opened; True if one was still live."""
+        cut_short = False
+        for stream in self.streams:
+            cut_short |= stream.close()
+        return cut_short
+
+
+# Called once per request when it is over: (state, end time). The app wires metrics and drain into it.
+RequestEnded = Callable[[RequestState, float], None]
+
+
+class TrioserveConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, plus disconnect bookkeeping, stream ownership and the access log."""
+
+    on_request_end: RequestEnded | None = None
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        state = RequestState(_incoming_request_id(self.scope), self.scope["method"], self.scope["path"])
+        self.scope[STATE_KEY] = state  # type: ignore[literal-required]
+
+        async def send_and_note_status(event: ASGISendEvent) -> None:
+            if event["type"] == "http.response.start":
+                state.status = event["status"]
+            await send(event)
+
+        try:
+            await super().__call__(receive, send_and_note_status)
+        finally:
+            if state.close_all() and state.abort_reason is None:
+                state.abort_reason = "drain"  # cancelled by the server itself: graceful shutdown ran out
+            ended = trio.current_time()
+            _log_access(state, ended)
+            if self.on_request_end is not None:
+                self.on_request_end(state, ended)
+
+    async def handle_messages(  # type: ignore[override]
+        self, nursery: trio.Nursery, request: Any, receive: ASGIReceiveCallable
+    ) -> None:
+        # Returns only on http.disconnect: the response finishing cancels this task instead.
+        await ASGIHTTPConnection.handle_messages(self, request, receive)
+        state: RequestState = self.scope[STATE_KEY]  # type: ignore[literal-required]
+        state.note_disconnect()
+        nursery.cancel_scope.cancel()
+
+
+def _incoming_request_id(scope: Any) -> str:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
+            return str(value.decode("latin-1"))
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _log_access(state: RequestState, ended: float) -> None:
+    timing = state.timing
+    if timing is None:
+        if state.path not in ("/health", "/metrics"):
+            access_logger.info("%s %s %s %d", state.request_id, state.method, state.path, state.status)
+        return
+    ttft = f"{1000 * (timing.first_token - timing.arrived):.0f}ms" if timing.first_token is not None else "-"
+    access_logger.info(
+        "%s %s %s %d prompt=%s completion=%d ttft=%s total=%.0fms finish=%s",
+        state.request_id,
+        state.method,
+        state.path,
+        state.status,
+        "-" if timing.prompt_tokens is None else timing.prompt_tokens,
+        timing.completion_tokens,
+        ttft,
+        1000 * (ended - timing.arrived),
+        timing.finish_reason or state.abort_reason or timing.aborted or "-",
+    )
+
+
+def current_state() -> RequestState:
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    state: RequestState = scope[STATE_KEY]
+    return state
+
+
+def error_response(error: TrioserveError) -> Response:
+    return Response(
+        json.dumps(error.to_dict()), status=error.status, headers=error.headers(), content_type="application/json"
+    )
+
+
+def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
+    payload = dump(model) if isinstance(model, BaseModel) else model
+    return Response(json.dumps(payload, ensure_ascii=False), status=status, content_type="application/json")
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+async def read_json(max_body_bytes: int) -> Any:
+    """The request body as JSON, or an OpenAI error: wrong content type, too large, malformed."""
+    content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+    if content_type not in ("application/json", ""):
+        raise InvalidRequest(f"Content-Type must be application/json, got {content_type!r}")
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes")
+    body = await request.get_data(cache=False)
+    if len(body) > max_body_bytes:
+        raise PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return InvalidRequest(message, param=param, code="invalid_value" if param else None)
+
+
+def check_api_key(keys: Sequence[str]) -> None:
+    """Raises `AuthenticationFailed` unless the request carries one of ``keys`` as a Bearer token.
+
+    Every key is compared, in constant time, so timing tells nothing about which or how much matched.
+    """
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key.encode())
+    if not matched:
+        raise AuthenticationFailed(
+            "Incorrect API key provided." if presented else "Missing API key: send 'Authorization: Bearer <key>'."
+        )
+
+
+def cors_origin(allowed: Sequence[str]) -> str | None:
+    """The value for Access-Control-Allow-Origin, or None when this request's origin is not allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None or not allowed:
+        return None
+    if "*" in allowed:
+        return "*"
+    return origin if origin in allowed else None
