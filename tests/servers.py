@@ -13,7 +13,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from trioserve.app import TrioserveApp
-from trioserve.cli import build_app
+from trioserve.cli import build_app  # also applies the Hypercorn HTTP/2 guard
 from trioserve.config import Settings
 from trioserve.engine import Engine
 from trioserve.loading import load_runner

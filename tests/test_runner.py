@@ -70,7 +70,9 @@ def runner(model64: PreTrainedModel, chat_tokenizer: ChatTokenizer) -> Transform
 
 
 @pytest.mark.parametrize("chunk", [8, 256], ids=["chunked-prefill", "grouped-prefill"])
-def test_batched_tokens_equal_solo_tokens(runner: TransformersRunner, chat_tokenizer: ChatTokenizer, chunk: int) -> None:
+def test_batched_tokens_equal_solo_tokens(
+    runner: TransformersRunner, chat_tokenizer: ChatTokenizer, chunk: int
+) -> None:
     prompts = {
         "short": chat_tokenizer.encode_chat([{"role": "user", "content": "hi"}]),
         "long": chat_tokenizer.encode_chat([{"role": "user", "content": "tell me about rivers " * 3}]),

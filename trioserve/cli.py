@@ -7,6 +7,7 @@ engine, whose cancellation releases every remaining sequence's KV.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -25,6 +26,40 @@ from trioserve.metrics import Metrics
 from trioserve.types import Runner
 
 logger = logging.getLogger("trioserve")
+
+
+def patch_hypercorn_h2() -> None:
+    """Guards Hypercorn's HTTP/2 protocol against frames for streams it has already dropped.
+
+    Hypercorn 0.18 resets a new stream that arrives during graceful shutdown, then looks the stream up for
+    its DATA frame and raises KeyError, which ends the whole server with every in-flight request on it
+    (upstream issues pgjones/hypercorn#197 and #329; fixes proposed in #312, #334, #365, unreleased).
+    This applies the guard those fixes add: such frames are acknowledged for flow control and dropped.
+    Idempotent; remove once a fixed Hypercorn is required.
+    """
+    import h2.events
+    import h2.exceptions
+    from hypercorn.protocol.h2 import H2Protocol
+
+    original = H2Protocol._handle_events
+    if getattr(original, "_trioserve_guarded", False):
+        return
+
+    async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+        for event in events:
+            is_stream_frame = isinstance(event, (h2.events.DataReceived, h2.events.StreamEnded))
+            if is_stream_frame and getattr(event, "stream_id", None) not in self.streams:
+                if isinstance(event, h2.events.DataReceived):
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):
+                        self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                continue
+            await original(self, [event])
+
+    handle_events._trioserve_guarded = True  # type: ignore[attr-defined]
+    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
+
+
+patch_hypercorn_h2()
 
 
 def build_app(settings: Settings, load: Callable[[], Runner] | None = None) -> TrioserveApp:

@@ -1,0 +1,229 @@
+"""Operations: admission (429), deadlines, drain, API keys, CORS, metrics."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart.typing import TestClientProtocol as Client
+
+from tests.fakes import DECODE_SECONDS, PREFILL_SECONDS, FakeRunner
+from tests.h2client import H2Client
+from tests.servers import demo_app
+from trioserve.app import TrioserveApp
+from trioserve.engine import Engine
+from trioserve.errors import DeadlineExceeded
+from trioserve.protocol import ChatCompletionRequest
+from trioserve.serving import ChatService
+from trioserve.tokenization import ChatTokenizer
+from trioserve.types import GenerationRequest, SamplingParams
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+CHAT = "/v1/chat/completions"
+
+
+async def open_client(app: TrioserveApp) -> AsyncIterator[Client]:
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+@pytest.fixture
+async def full_app() -> AsyncIterator[TrioserveApp]:
+    """One slot, no queue."""
+    yield demo_app(max_concurrent=1, max_queue=0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+async def test_queue_full_is_429_before_any_response(full_app: TrioserveApp, stream: bool) -> None:
+    async for client in open_client(full_app):
+        engine = full_app.engine
+        occupant = engine.submit(GenerationRequest("occupant", (5, 6, 7), SamplingParams(max_tokens=10_000)))
+        response = await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "stream": stream})
+        assert response.status_code == 429
+        assert response.headers["Retry-After"] == "1"
+        assert response.headers["Content-Type"] == "application/json"
+        error = (await response.get_json())["error"]
+        assert error["type"] == "rate_limit_error"
+        occupant.close()  # the slot is free again: the next request is served
+        ok = await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "stream": stream})
+        assert ok.status_code == 200
+
+
+async def test_deadline_cancels_with_exact_virtual_time(
+    autojump_clock: trio.testing.MockClock, chat_tokenizer: ChatTokenizer
+) -> None:
+    runner = FakeRunner(tokenizer=chat_tokenizer, vocab_size=200)
+    engine = Engine(lambda: runner, max_concurrent=2, max_queue=2, batch_size=2, offload=runner.offload)
+    service = ChatService(engine)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        body = ChatCompletionRequest.model_validate({"messages": MESSAGES, "max_tokens": 1000})
+        start = trio.current_time()
+        prepared = await service.prepare(body, time_limit=0.0375)
+        stream = engine.submit(prepared.generation)
+        with pytest.raises(DeadlineExceeded):
+            await service.complete(prepared, stream)
+        # The deadline fell inside the decode step [35, 40) ms: the wait ends at 37.5 ms exactly, then the
+        # stream's exit waits out that step (its KV cannot go mid-step) and the KV is gone at 40 ms.
+        assert trio.current_time() - start == pytest.approx(PREFILL_SECONDS + 6 * DECODE_SECONDS, abs=1e-9)
+        gc.collect()
+        assert runner.live_sequences() == 0
+        record = engine.history[-1]
+        assert record.outcome == "closed"
+        assert record.left - start == pytest.approx(0.0375, abs=1e-9)
+        assert record.release_seconds == pytest.approx(0.0025, abs=1e-9)
+        assert prepared.timing.aborted == "deadline"
+        nursery.cancel_scope.cancel()
+
+
+async def test_deadline_over_http_is_504_without_retry_and_sse_error() -> None:
+    app = demo_app(slow=True, request_timeout=0.2)
+    async for client in open_client(app):
+        body = {"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True}
+        response = await client.post(CHAT, json=body)
+        assert response.status_code == 504
+        assert response.headers["x-should-retry"] == "false"
+        assert (await response.get_json())["error"]["code"] == "request_timeout"
+        shorter = await client.post(CHAT, json=body | {"stream": True}, headers={"X-Request-Timeout": "0.1"})
+        assert shorter.status_code == 200
+        events = [e for e in (await shorter.get_data()).decode().split("\n\n") if e]
+        assert json.loads(events[-1][6:])["error"]["code"] == "request_timeout"
+        assert app.engine.active == 0
+        assert app.engine.runner is not None and app.engine.runner.live_sequences() == 0
+        bad = await client.post(CHAT, json=body, headers={"X-Request-Timeout": "soon"})
+        assert bad.status_code == 400
+
+
+async def test_api_keys() -> None:
+    app = demo_app(api_key=["k1", "k2"])
+    async for client in open_client(app):
+        assert (await client.get("/health")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
+            response = await client.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            error = (await response.get_json())["error"]
+            assert error["code"] == "invalid_api_key"
+        assert (await client.get("/metrics")).status_code == 401
+        for key in ("k1", "k2"):
+            assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        response = await client.post(
+            CHAT, json={"messages": MESSAGES, "max_tokens": 2}, headers={"Authorization": "Bearer k2"}
+        )
+        assert response.status_code == 200
+    public = demo_app(api_key=["k1"], metrics_public=True)
+    async for client in open_client(public):
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_cors_off_by_default_and_allowed_origins() -> None:
+    async for client in open_client(demo_app()):
+        response = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert "Access-Control-Allow-Origin" not in response.headers
+    async for client in open_client(demo_app(cors_origin=["https://app.example"])):
+        ok = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        other = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+        preflight = await client.options(
+            CHAT, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert preflight.status_code == 204
+        assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_metrics_change_as_requests_run_and_abort() -> None:
+    app = demo_app(slow=True, request_timeout=0.15)
+    async for client in open_client(app):
+        before = (await (await client.get("/metrics")).get_data()).decode()
+        for name in ("trioserve_requests_running", "trioserve_requests_waiting", "trioserve_kv_tokens"):
+            assert metric(before, name) == 0
+        assert metric(before, 'trioserve_aborted_requests_total{reason="deadline"}') == 0
+        await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "ignore_eos": True})
+        await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True})  # deadline
+        after = (await (await client.get("/metrics")).get_data()).decode()
+    assert metric(after, "trioserve_completion_tokens_total") >= 3
+    assert metric(after, "trioserve_prompt_tokens_total") == 2 * 21
+    assert metric(after, 'trioserve_requests_total{status="200"}') == 1
+    assert metric(after, 'trioserve_requests_total{status="504"}') == 1
+    assert metric(after, 'trioserve_aborted_requests_total{reason="deadline"}') == 1
+    assert metric(after, "trioserve_time_to_first_token_seconds_count") == 2
+    assert metric(after, "trioserve_inter_token_latency_seconds_count") >= 2
+    assert metric(after, "trioserve_cancel_to_release_seconds_count") == 1
+    assert metric(after, "trioserve_queue_time_seconds_count") == 2
+    assert metric(after, "trioserve_kv_tokens") == 0
+
+
+@pytest.mark.socket
+async def test_drain_finishes_in_flight_refuses_new_and_returns() -> None:
+    app = demo_app(slow=True)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 10
+    stop = trio.Event()
+    long = {"messages": MESSAGES, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=stop.wait))
+        client = await H2Client.connect(binds[0], nursery)
+        in_flight = await client.post(CHAT, long)
+        await client.wait_for(in_flight, events=3)
+        app.start_draining()
+        stop.set()
+        async with httpx.AsyncClient() as other:
+            with pytest.raises(httpx.ConnectError):
+                await other.get(binds[0] + "/health")  # the listener is closed
+        refused = await client.post(CHAT, {"messages": MESSAGES, "max_tokens": 2})
+        assert (await client.wait_for(refused)).reset  # a new stream on an open connection is refused
+        done = await client.wait_for(in_flight)
+        assert done.ended and done.events()[-1] == "data: [DONE]"
+        await client.aclose()
+    # serve() returned on its own: nothing was left running.
+    assert app.engine.active == 0
+
+
+@pytest.mark.socket
+@pytest.mark.slow
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    port_file = tmp_path / "log"
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "HOTLOAD": "true", "PORT": "0", "GRACEFUL_TIMEOUT": "20"}
+    with port_file.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "trioserve"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = None
+        for _ in range(300):
+            text = port_file.read_text()
+            if "Running on http://" in text:
+                url = text.split("Running on ", 1)[1].split()[0]
+                break
+            trio.run(trio.sleep, 0.1)
+        assert url is not None, port_file.read_text()
+        body = {"messages": MESSAGES, "max_tokens": 1200, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", url + CHAT, json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert [line for line in rest if line][-1] == "data: [DONE]"
+        assert process.wait(timeout=60) == 0
+        assert "shut down cleanly" in port_file.read_text()
+    finally:
+        process.kill()
