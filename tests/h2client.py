@@ -40,6 +40,7 @@ class H2Client:
         self.streams: dict[int, StreamState] = defaultdict(StreamState)
         self._changed = trio.Condition()
         self._send_lock = trio.Lock()
+        self.closed = False  # the connection ended (EOF, GOAWAY then close, or our aclose)
 
     @classmethod
     async def connect(cls, url: str, nursery: trio.Nursery) -> H2Client:
@@ -60,6 +61,14 @@ class H2Client:
                 await self._socket.send_all(data)
 
     async def _read_loop(self) -> None:
+        try:
+            await self._read_frames()
+        finally:
+            self.closed = True
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _read_frames(self) -> None:
         while True:
             try:
                 data = await self._socket.receive_some(65536)
@@ -103,9 +112,15 @@ class H2Client:
         """Waits until the stream has ``events`` SSE events (or, with None, has ended)."""
         state = self.streams[stream_id]
         async with self._changed:
-            while not (state.ended or state.reset or (events is not None and len(state.events()) >= events)):
+            while not (
+                state.ended or state.reset or self.closed or (events is not None and len(state.events()) >= events)
+            ):
                 await self._changed.wait()
         return state
+
+    @staticmethod
+    def _has(state: StreamState, events: int | None) -> bool:
+        return events is not None and len(state.events()) >= events
 
     async def reset(self, stream_id: int) -> None:
         self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+
 from trioserve.app import TrioserveApp
 from trioserve.cli import build_app  # also applies the Hypercorn HTTP/2 guard
 from trioserve.config import Settings
