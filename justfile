@@ -24,3 +24,7 @@ fmt:
 # Throughput/latency benchmark against the forward-pass bound (and transformers serve when installed)
 bench *ARGS:
     python -m bench {{ARGS}}
+
+# Thousands of mixed requests (completions, aborts, deadlines, bad input) against a real server; checks leaks
+soak *ARGS:
+    python -m bench.soak {{ARGS}}

@@ -33,7 +33,7 @@ class StreamState:
 class H2Client:
     """One HTTP/2 connection; a background task reads frames and fills in each stream's state."""
 
-    def __init__(self, stream: trio.SocketStream, authority: str) -> None:
+    def __init__(self, stream: trio.SocketStream, authority: str, *, read: bool = True) -> None:
         self._socket = stream
         self._authority = authority
         self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -41,15 +41,17 @@ class H2Client:
         self._changed = trio.Condition()
         self._send_lock = trio.Lock()
         self.closed = False  # the connection ended (EOF, GOAWAY then close, or our aclose)
+        self.reading = read  # False: a slow reader that never acknowledges data (flow control stalls)
 
     @classmethod
-    async def connect(cls, url: str, nursery: trio.Nursery) -> H2Client:
+    async def connect(cls, url: str, nursery: trio.Nursery, *, read: bool = True) -> H2Client:
         parts = urlsplit(url)
         assert parts.hostname is not None and parts.port is not None
         socket = await trio.open_tcp_stream(parts.hostname, parts.port)
-        client = cls(socket, f"{parts.hostname}:{parts.port}")
+        client = cls(socket, f"{parts.hostname}:{parts.port}", read=read)
         client._conn.initiate_connection()
-        client._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        window = (1 << 20) if read else 1024
+        client._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         await client._flush()
         nursery.start_soon(client._read_loop)
         return client
@@ -81,7 +83,8 @@ class H2Client:
                     self.streams[event.stream_id].status = int(dict(event.headers)[":status"])
                 elif isinstance(event, h2.events.DataReceived):
                     self.streams[event.stream_id].data.extend(event.data)
-                    self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    if self.reading:
+                        self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded):
                     self.streams[event.stream_id].ended = True
                 elif isinstance(event, h2.events.StreamReset):

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -36,17 +37,40 @@ class SlowRunner(TransformersRunner):
         return super().step(plan)
 
 
-def demo_runner(*, slow: bool = False) -> TransformersRunner:
-    runner = load_runner(Settings())
+class FaultyRunner(TransformersRunner):
+    """The real tiny-model runner, failing the steps that carry a request whose last user message says
+    "FAIL-OOM" or "FAIL" (with torch's out-of-memory error or a generic one), raised where a forward pass
+    would raise them, so the runner's own error mapping is exercised."""
+
+    def _step(self, plan: StepPlan) -> StepOutput:
+        for seq_id in plan.seq_ids():
+            prompt = self.tokenizer.decode(self._prompt_of(plan, seq_id))
+            if "FAIL-OOM" in prompt:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            if "FAIL" in prompt:
+                raise RuntimeError("device-side assert triggered (injected)")
+        return super()._step(plan)
+
+    def _prompt_of(self, plan: StepPlan, seq_id: int) -> tuple[int, ...]:
+        for chunk in plan.prefill:
+            if chunk.seq_id == seq_id:
+                return chunk.request.prompt_ids
+        return self._sequences[seq_id].request.prompt_ids
+
+
+def demo_runner(*, slow: bool = False, faulty: bool = False, dtype: str = "auto") -> TransformersRunner:
+    runner = load_runner(Settings(torch_dtype=dtype))  # type: ignore[arg-type]
     if slow:
         runner.__class__ = SlowRunner
+    if faulty:
+        runner.__class__ = FaultyRunner
     return runner
 
 
-def demo_app(*, slow: bool = False, **settings: Any) -> TrioserveApp:
+def demo_app(*, slow: bool = False, faulty: bool = False, dtype: str = "auto", **settings: Any) -> TrioserveApp:
     """The app the CLI would build for these settings (hotload on), on the demo model."""
     options = Settings(hotload=True, prefill_chunk=64, **{"max_concurrent": 8, "max_queue": 64} | settings)
-    return build_app(options, load=functools.partial(demo_runner, slow=slow))
+    return build_app(options, load=functools.partial(demo_runner, slow=slow, faulty=faulty, dtype=dtype))
 
 
 @dataclass

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 
 
+@asynccontextmanager
 async def open_client(app: TrioserveApp) -> AsyncIterator[Client]:
     async with app.test_app() as test_app:
         yield test_app.test_client()
@@ -49,7 +50,7 @@ def full_app() -> TrioserveApp:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
 async def test_queue_full_is_429_before_any_response(full_app: TrioserveApp, stream: bool) -> None:
-    async for client in open_client(full_app):
+    async with open_client(full_app) as client:
         engine = full_app.engine
         occupant = engine.submit(GenerationRequest("occupant", (5, 6, 7), SamplingParams(max_tokens=10_000)))
         response = await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "stream": stream})
@@ -92,7 +93,7 @@ async def test_deadline_cancels_with_exact_virtual_time(
 
 async def test_deadline_over_http_is_504_without_retry_and_sse_error() -> None:
     app = demo_app(slow=True, request_timeout=0.2)
-    async for client in open_client(app):
+    async with open_client(app) as client:
         body = {"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True}
         response = await client.post(CHAT, json=body)
         assert response.status_code == 504
@@ -110,7 +111,7 @@ async def test_deadline_over_http_is_504_without_retry_and_sse_error() -> None:
 
 async def test_api_keys() -> None:
     app = demo_app(api_key=["k1", "k2"])
-    async for client in open_client(app):
+    async with open_client(app) as client:
         assert (await client.get("/health")).status_code == 200
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
             response = await client.get("/v1/models", headers=headers)
@@ -125,15 +126,15 @@ async def test_api_keys() -> None:
         )
         assert response.status_code == 200
     public = demo_app(api_key=["k1"], metrics_public=True)
-    async for client in open_client(public):
+    async with open_client(public) as client:
         assert (await client.get("/metrics")).status_code == 200
 
 
 async def test_cors_off_by_default_and_allowed_origins() -> None:
-    async for client in open_client(demo_app()):
+    async with open_client(demo_app()) as client:
         response = await client.get("/v1/models", headers={"Origin": "https://app.example"})
         assert "Access-Control-Allow-Origin" not in response.headers
-    async for client in open_client(demo_app(cors_origin=["https://app.example"])):
+    async with open_client(demo_app(cors_origin=["https://app.example"])) as client:
         ok = await client.get("/v1/models", headers={"Origin": "https://app.example"})
         assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
         other = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
@@ -154,7 +155,7 @@ def metric(text: str, name: str) -> float:
 
 async def test_metrics_change_as_requests_run_and_abort() -> None:
     app = demo_app(slow=True, request_timeout=0.15)
-    async for client in open_client(app):
+    async with open_client(app) as client:
         before = (await (await client.get("/metrics")).get_data()).decode()
         for name in ("trioserve_requests_running", "trioserve_requests_waiting", "trioserve_kv_tokens"):
             assert metric(before, name) == 0

@@ -88,12 +88,13 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
     app.asgi_http_class = Connection
     service = ChatService(engine, strict_model_name=settings.strict_model_name)
-    engine_scope = trio.CancelScope()
+    engine_scopes: list[trio.CancelScope] = []
 
     @app.before_serving
     async def start_engine() -> None:
         async def run_engine(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with engine_scope:
+            with trio.CancelScope() as scope:
+                engine_scopes.append(scope)
                 await engine.run(task_status=task_status)
 
         await app.nursery.start(run_engine)
@@ -101,7 +102,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     @app.after_serving
     async def stop_engine() -> None:
         app.start_draining()
-        engine_scope.cancel()
+        for scope in engine_scopes:
+            scope.cancel()
 
     @app.before_request
     async def guard() -> Response | None:
@@ -162,6 +164,10 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
             payload["status"] = "failing"
         return json_response(payload, status=200 if payload["status"] == "ok" else 503)
 
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document())
+
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(app.metrics.render(), content_type=CONTENT_TYPE)
@@ -210,6 +216,55 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         return response
 
     return app
+
+
+def openapi_document() -> dict[str, object]:
+    """An OpenAPI 3.1 document generated from the wire models (what fuzzers and clients can read)."""
+    from trioserve.protocol import ChatCompletion, ModelList
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    schemas: dict[str, object] = {}
+    for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ModelList):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    error = {"description": "an OpenAI error object", "content": {"application/json": {}}}
+    chat = {
+        "post": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("ChatCompletionRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "a completion, or with stream=true an SSE stream of chunks",
+                    "content": {
+                        "application/json": {"schema": ref("ChatCompletion")},
+                        "text/event-stream": {"schema": ref("ChatCompletionChunk")},
+                    },
+                },
+                **{status: error for status in ("400", "401", "404", "413", "429", "500", "503", "504")},
+            },
+        }
+    }
+    models = {
+        "get": {
+            "responses": {
+                "200": {
+                    "description": "the served model",
+                    "content": {"application/json": {"schema": ref("ModelList")}},
+                }
+            }
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "trioserve", "version": "0.1.0"},
+        "paths": {"/v1/chat/completions": chat, "/v1/models": models},
+        "components": {"schemas": schemas},
+    }
 
 
 def _preflight(settings: Settings) -> Response:

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from trioserve.errors import OutOfMemory
 from trioserve.sampling import SequenceSampler, sample_rows
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, PrefillChunk, SampledToken, StepOutput, StepPlan
@@ -139,8 +140,15 @@ class TransformersRunner:
         if not group.live and group is self._batch:
             self._batch = None  # nothing left to keep: the whole cache goes now, no copy needed
 
-    @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
+        try:
+            return self._step(plan)
+        except torch.OutOfMemoryError as exc:
+            # Its sequences fail with a 503: another replica, or a retry once others finish, may fit.
+            raise OutOfMemory(f"out of memory during a forward pass: {exc}") from exc
+
+    @torch.inference_mode()
+    def _step(self, plan: StepPlan) -> StepOutput:
         tokens: dict[int, SampledToken] = {}
         for group in {id(s.group): s.group for s in self._sequences.values()}.values():
             group.compact()
