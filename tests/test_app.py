@@ -155,3 +155,11 @@ async def test_request_id_is_echoed(client: Client) -> None:
     )
     assert response.headers["X-Request-Id"] == "abc-123"
     assert (await response.get_json())["id"] == "abc-123"
+
+
+async def test_unknown_fields_are_accepted_and_logged_once(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(3):
+        status, _ = await post(client, {"messages": MESSAGES, "max_tokens": 1, "frobnicate": True, "tools_x": []})
+        assert status == 200
+    logged = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert logged == ["ignoring request fields this server does not know: frobnicate, tools_x"]

@@ -77,7 +77,7 @@ async def test_deadline_cancels_with_exact_virtual_time(
         prepared = await service.prepare(body, time_limit=0.0375)
         stream = engine.submit(prepared.generation)
         with pytest.raises(DeadlineExceeded):
-            await service.complete(prepared, stream)
+            await service.complete(prepared, [stream])
         # The deadline fell inside the decode step [35, 40) ms: the wait ends at 37.5 ms exactly, then the
         # stream's exit waits out that step (its KV cannot go mid-step) and the KV is gone at 40 ms.
         assert trio.current_time() - start == pytest.approx(PREFILL_SECONDS + 6 * DECODE_SECONDS, abs=1e-9)

@@ -191,17 +191,18 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         time_limit = _request_timeout(settings, body)
         prepared = await service.prepare(body, request_id=state.request_id, time_limit=time_limit)
         state.timing = prepared.timing
-        stream = state.own(engine.submit(prepared.generation))  # 429 here, before any response starts
+        # 429 here, before any response starts; streams admitted before a refusal are closed with the request.
+        streams = [state.own(engine.submit(generation)) for generation in prepared.generations]
         if not body.stream:
             try:
-                return json_response(await service.complete(prepared, stream))
+                return json_response(await service.complete(prepared, streams))
             except TrioserveError:
                 state.abort_reason = prepared.timing.aborted
                 raise
 
         async def events() -> AsyncIterator[bytes]:
             # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
-            async with aclosing(service.stream(prepared, stream)) as items:
+            async with aclosing(service.stream(prepared, streams)) as items:
                 async for item in items:
                     if isinstance(item, ChatCompletionChunk):
                         yield sse_event(dump(item))

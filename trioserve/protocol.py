@@ -17,6 +17,7 @@ from trioserve.types import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue place
 
 
 def chat_completion_id() -> str:
@@ -70,7 +71,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None

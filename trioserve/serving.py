@@ -6,8 +6,10 @@ conversion) before anything is admitted; `complete` and `stream` then only consu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 
 import trio
@@ -111,7 +113,7 @@ class PreparedChat:
     """A validated chat request, ready to hand to the engine."""
 
     body: ChatCompletionRequest
-    generation: GenerationRequest
+    generations: tuple[GenerationRequest, ...]  # one per choice (n)
     completion_id: str
     created: int
     model: str
@@ -119,8 +121,12 @@ class PreparedChat:
     timing: RequestTiming
 
     @property
+    def generation(self) -> GenerationRequest:
+        return self.generations[0]
+
+    @property
     def request_id(self) -> str:
-        return self.generation.request_id
+        return self.completion_id
 
 
 class ChatService:
@@ -134,6 +140,7 @@ class ChatService:
     def __init__(self, engine: Engine, *, strict_model_name: bool = False) -> None:
         self.engine = engine
         self.strict_model_name = strict_model_name
+        self._reported_unknown: set[str] = set()
 
     async def models(self) -> ModelList:
         runner = await self.engine.ensure_loaded()
@@ -166,12 +173,20 @@ class ChatService:
             max_tokens=max_tokens, vocab_size=runner.vocab_size, logprobs=body.requested_logprobs()
         )
         completion_id = request_id or chat_completion_id()
-        unknown = body.unknown_fields()
+        unknown = [name for name in body.unknown_fields() if name not in self._reported_unknown]
         if unknown:
-            logger.info("request %s: ignoring fields this server does not know: %s", completion_id, ", ".join(unknown))
+            # Once per field name: clients that always send an extra field should not flood the log.
+            self._reported_unknown.update(unknown)
+            logger.warning("ignoring request fields this server does not know: %s", ", ".join(unknown))
+        generations = [GenerationRequest(completion_id, tuple(prompt_ids), params)]
+        for index in range(1, body.n):
+            # Each choice its own sequence; with a seed, seeds seed+1, seed+2... keep them distinct.
+            seed = params.seed + index if params.seed is not None else None
+            choice_params = dataclasses.replace(params, seed=seed)
+            generations.append(GenerationRequest(f"{completion_id}-{index}", tuple(prompt_ids), choice_params))
         return PreparedChat(
             body=body,
-            generation=GenerationRequest(completion_id, tuple(prompt_ids), params),
+            generations=tuple(generations),
             completion_id=completion_id,
             created=now(),
             model=runner.model_id,
@@ -216,54 +231,79 @@ class ChatService:
         assert runner is not None
         return event.token.token_id in runner.eos_token_ids and event.finish_reason is FinishReason.STOP
 
-    async def complete(self, prepared: PreparedChat, stream: TokenStream) -> ChatCompletion:
-        """Collects a whole completion; the stream is closed when it returns, whatever happens."""
-        assembler = self._assembler(prepared)
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        finish: FinishReason | None = None
-        async with stream:
-            while (event := await self._next(prepared, stream)) is not None:
-                piece = assembler.feed(event, eos=self._is_eos(event))
-                parts.append(piece.text)
-                logprobs.extend(piece.logprobs)
+    async def _pieces(
+        self, prepared: PreparedChat, streams: Sequence[TokenStream]
+    ) -> AsyncGenerator[tuple[int, Piece], None]:
+        """Text pieces of every choice, as (index, piece), taking the choices in turn.
+
+        Every running sequence gets a token each step, so waiting on one choice's stream never starves the
+        others (their tokens wait in their buffers). Each stream is closed as soon as its choice finishes
+        (a stop string ends it early: its slot is freed before the response goes out).
+
+        Raises:
+            DeadlineExceeded, GenerationFailed: as `_next`.
+            Unavailable: the server closed a stream (shutdown).
+        """
+        assemblers = [self._assembler(prepared) for _ in streams]
+        active = list(range(len(streams)))
+        while active:
+            for index in list(active):
+                event = await self._next(prepared, streams[index])
+                if event is None:
+                    raise Unavailable("the request was cancelled by the server")
+                piece = assemblers[index].feed(event, eos=self._is_eos(event))
                 if piece.finish_reason is not None:
-                    finish = piece.finish_reason
-                    break
-            stream.close()  # a stop string ends it early: free the slot now, not after the response
-        if finish is None:
-            raise Unavailable("the request was cancelled by the server")
-        prepared.timing.finish_reason = finish.value
-        choice = ChatChoice(
-            index=0,
-            message=AssistantMessage(content="".join(parts)),
-            logprobs=ChoiceLogprobs(content=logprobs) if prepared.body.logprobs else None,
-            finish_reason=finish.value,
-        )
+                    streams[index].close()
+                    active.remove(index)
+                yield index, piece
+
+    async def complete(self, prepared: PreparedChat, streams: Sequence[TokenStream]) -> ChatCompletion:
+        """Collects a whole completion (one choice per stream); every stream is closed when it returns."""
+        parts: list[list[str]] = [[] for _ in streams]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
+        finish: list[FinishReason | None] = [None for _ in streams]
+        async with AsyncExitStack() as owned:
+            for stream in streams:
+                await owned.enter_async_context(stream)
+            async with aclosing(self._pieces(prepared, streams)) as pieces:
+                async for index, piece in pieces:
+                    parts[index].append(piece.text)
+                    logprobs[index].extend(piece.logprobs)
+                    finish[index] = piece.finish_reason or finish[index]
+        prepared.timing.finish_reason = ",".join(f.value for f in finish if f is not None)
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content="".join(parts[index])),
+                logprobs=ChoiceLogprobs(content=logprobs[index]) if prepared.body.logprobs else None,
+                finish_reason=reason.value if reason is not None else None,
+            )
+            for index, reason in enumerate(finish)
+        ]
         return ChatCompletion(
             id=prepared.completion_id,
             created=prepared.created,
             model=prepared.model,
-            choices=[choice],
-            usage=_usage(prepared, assembler),
+            choices=choices,
+            usage=_usage(prepared),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
     async def stream(
-        self, prepared: PreparedChat, stream: TokenStream
+        self, prepared: PreparedChat, streams: Sequence[TokenStream]
     ) -> AsyncGenerator[ChatCompletionChunk | TrioserveError, None]:
         """Yields the chunks of a streamed completion, or one error (after which the stream ends).
 
-        The token stream is closed (its KV released) as soon as the last token is in, before the final
-        chunks are yielded, and in any case when the generator is closed.
+        Per choice: a first chunk with the role, content deltas, a chunk with its finish reason; then one
+        usage chunk if asked for. Streams are closed as their choices finish, and all of them when the
+        generator is closed.
         """
-        assembler = self._assembler(prepared)
 
         def chunk(
-            delta: Delta, finish: FinishReason | None = None, logprobs: Sequence[TokenLogprob] = ()
+            index: int, delta: Delta, finish: FinishReason | None = None, logprobs: Sequence[TokenLogprob] = ()
         ) -> ChatCompletionChunk:
             choice = ChunkChoice(
-                index=0,
+                index=index,
                 delta=delta,
                 logprobs=ChoiceLogprobs(content=list(logprobs)) if prepared.body.logprobs and logprobs else None,
                 finish_reason=finish.value if finish is not None else None,
@@ -276,26 +316,24 @@ class ChatService:
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
-        finish: FinishReason | None = None
-        async with stream:
-            yield chunk(Delta(role="assistant", content=""))
+        finished: list[str] = []
+        async with AsyncExitStack() as owned:
+            for stream in streams:
+                await owned.enter_async_context(stream)
+            for index in range(len(streams)):
+                yield chunk(index, Delta(role="assistant", content=""))
             try:
-                while (event := await self._next(prepared, stream)) is not None:
-                    piece = assembler.feed(event, eos=self._is_eos(event))
-                    if piece.text or piece.logprobs:
-                        yield chunk(Delta(content=piece.text), logprobs=piece.logprobs)
-                    if piece.finish_reason is not None:
-                        finish = piece.finish_reason
-                        break
+                async with aclosing(self._pieces(prepared, streams)) as pieces:
+                    async for index, piece in pieces:
+                        if piece.text or piece.logprobs:
+                            yield chunk(index, Delta(content=piece.text), logprobs=piece.logprobs)
+                        if piece.finish_reason is not None:
+                            finished.append(piece.finish_reason.value)
+                            yield chunk(index, Delta(), piece.finish_reason)
             except TrioserveError as error:
                 yield error
                 return
-            stream.close()  # a stop string ends it early: free the slot before the last chunks go out
-            if finish is None:
-                yield Unavailable("the request was cancelled by the server")
-                return
-            prepared.timing.finish_reason = finish.value
-            yield chunk(Delta(), finish)
+            prepared.timing.finish_reason = ",".join(finished)
             options = prepared.body.stream_options
             if options is not None and options.include_usage:
                 yield ChatCompletionChunk(
@@ -303,18 +341,16 @@ class ChatService:
                     created=prepared.created,
                     model=prepared.model,
                     choices=[],
-                    usage=_usage(prepared, assembler),
+                    usage=_usage(prepared),
                     system_fingerprint=SYSTEM_FINGERPRINT,
                 )
 
 
-def _usage(prepared: PreparedChat, assembler: TextAssembler) -> Usage:
+def _usage(prepared: PreparedChat) -> Usage:
+    """Prompt tokens once (the choices share the prompt), completion tokens of every choice."""
     prompt = len(prepared.generation.prompt_ids)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=assembler.completion_tokens,
-        total_tokens=prompt + assembler.completion_tokens,
-    )
+    completion = prepared.timing.completion_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | None) -> int:
