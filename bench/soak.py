@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Path(__file__).parent / "results" / "soak-server.log"
     log.parent.mkdir(exist_ok=True)
     with server(command, port, log) as url:
-        pid = int(subprocess.check_output(["pgrep", "-f", f"--port {port}"]).split()[0])
+        pid = int(subprocess.check_output(["pgrep", "-f", "--", f"--port {port}"]).split()[0])
         trio.run(run_soak, url, 50, args.concurrency, 1)  # warm-up: allocator pools, lazy imports
         before = rss_bytes(pid)
         report = trio.run(run_soak, url, args.requests, args.concurrency, 0)

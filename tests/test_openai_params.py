@@ -63,7 +63,9 @@ async def test_logit_bias_minus_100_keeps_a_token_out(served: Served) -> None:
     )
     assert first not in TOKENIZER.encode(text(biased))
     (letter_a,) = TOKENIZER.encode("A")
-    forced = await call(served, messages=HI, max_tokens=5, logit_bias={str(letter_a): 100}, extra_body={"ignore_eos": True})
+    forced = await call(
+        served, messages=HI, max_tokens=5, logit_bias={str(letter_a): 100}, extra_body={"ignore_eos": True}
+    )
     assert text(forced) == "A" * 5
 
 
