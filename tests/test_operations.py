@@ -154,14 +154,15 @@ def metric(text: str, name: str) -> float:
 
 
 async def test_metrics_change_as_requests_run_and_abort() -> None:
-    app = demo_app(slow=True, request_timeout=0.15)
+    app = demo_app(slow=True, request_timeout=30)
     async with open_client(app) as client:
         before = (await (await client.get("/metrics")).get_data()).decode()
         for name in ("trioserve_requests_running", "trioserve_requests_waiting", "trioserve_kv_tokens"):
             assert metric(before, name) == 0
         assert metric(before, 'trioserve_aborted_requests_total{reason="deadline"}') == 0
         await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "ignore_eos": True})
-        await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True})  # deadline
+        deadline = {"X-Request-Timeout": "0.5"}  # 500 tokens at 30 ms a step: always hit, after a first token
+        await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True}, headers=deadline)
         after = (await (await client.get("/metrics")).get_data()).decode()
     assert metric(after, "trioserve_completion_tokens_total") >= 3
     assert metric(after, "trioserve_prompt_tokens_total") == 2 * 21

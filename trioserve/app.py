@@ -286,7 +286,11 @@ def _preflight(settings: Settings) -> Response:
 
 
 def _request_ended(app: TrioserveApp, state: RequestState, ended: float) -> None:
-    if state.path in CHAT_PATHS:
-        # 499, as nginx logs it: the client went away before a response started.
-        status = state.status or (499 if state.disconnected else 500)
-        app.metrics.finish(status, state.timing, ended, state.abort_reason)
+    if state.path not in CHAT_PATHS:
+        return
+    # 499, as nginx logs it: the client went away before a response started.
+    status = state.status or (499 if state.disconnected else 500)
+    reason = state.abort_reason
+    if reason is None and state.cut_short and app.draining:
+        reason = "drain"  # the graceful timeout ran out and the server cancelled it
+    app.metrics.finish(status, state.timing, ended, reason)

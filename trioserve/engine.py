@@ -163,7 +163,7 @@ class Engine:
         load_runner: builds the runner (blocking; run in a thread). Called once, at startup with
             ``hotload`` or on the first request otherwise.
         max_concurrent: requests generating at once.
-        max_queue: requests waiting for a slot; past it `generate` raises `Overloaded`.
+        max_queue: requests waiting for a slot; past it `submit` raises `Overloaded`.
         batch_size: sequences per decode pass (capped by the runner's own limit).
         prefill_chunk: prompt tokens per prefill step.
         hotload: load the runner in `run` before reporting started.
@@ -224,9 +224,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        if self._scheduler is None:
-            return len(self._sequences)
-        return self._scheduler.waiting
+        return self._scheduler.waiting if self._scheduler is not None else 0
 
     @property
     def active(self) -> int:

@@ -52,6 +52,7 @@ class RequestState:
     status: int = 0
     timing: RequestTiming | None = None
     abort_reason: str | None = None  # disconnect, deadline, drain, error
+    cut_short: bool = False  # a stream was still live when the request ended (closed by the safety net)
     streams: list[TokenStream] = field(default_factory=list)
 
     def own(self, stream: TokenStream) -> TokenStream:
@@ -94,8 +95,7 @@ class TrioserveConnection(TrioASGIHTTPConnection):
         try:
             await super().__call__(receive, send_and_note_status)
         finally:
-            if state.close_all() and state.abort_reason is None:
-                state.abort_reason = "drain"  # cancelled by the server itself: graceful shutdown ran out
+            state.cut_short = state.close_all()
             ended = trio.current_time()
             _log_access(state, ended)
             if self.on_request_end is not None:
