@@ -198,3 +198,60 @@ async def test_n_choices_are_separate_sequences(served: Served) -> None:
 
 def text_of(choice: Any) -> str:
     return str(choice.message.content)
+
+
+async def legacy(served: Served, **kwargs: Any) -> Any:
+    client = sdk(served)
+    return await trio.to_thread.run_sync(lambda: client.completions.create(model="m", **kwargs))
+
+
+async def test_legacy_completions_prompt_forms(served: Served) -> None:
+    one = await legacy(served, prompt="Once upon a time", max_tokens=5, extra_body={"ignore_eos": True})
+    assert one.object == "text_completion" and one.id.startswith("cmpl-")
+    assert one.usage.prompt_tokens == len(TOKENIZER.encode_prompt("Once upon a time"))
+    assert one.usage.completion_tokens == 5
+    assert one.choices[0].finish_reason == "length"
+    assert one.model == "trioserve-tiny-random"
+    many = await legacy(served, prompt=["a b", "c d e"], n=2, max_tokens=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.usage.prompt_tokens == len(TOKENIZER.encode_prompt("a b")) + len(TOKENIZER.encode_prompt("c d e"))
+    assert many.usage.completion_tokens == 12
+    ids = TOKENIZER.encode_prompt("token ids")
+    by_ids = await legacy(served, prompt=ids, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    by_text = await legacy(served, prompt="token ids", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    echoed = await legacy(
+        served, prompt="echo me", max_tokens=3, echo=True, temperature=0, extra_body={"ignore_eos": True}
+    )
+    plain = await legacy(served, prompt="echo me", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == "echo me" + plain.choices[0].text
+
+
+async def test_legacy_completions_logprobs_stream_and_errors(served: Served) -> None:
+    scored = await legacy(served, prompt="hi", max_tokens=4, logprobs=2, extra_body={"ignore_eos": True})
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
+
+    def streamed() -> list[Any]:
+        return list(
+            sdk(served).completions.create(
+                model="m",
+                prompt="stream",
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
+
+    chunks = await trio.to_thread.run_sync(streamed)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 5
+    for bad, param in (({"suffix": "tail"}, None), ({"prompt": [10**6]}, "prompt"), ({"max_tokens": 10**6}, "prompt")):
+        kwargs = {"prompt": "x", "max_tokens": 2} | bad
+        with pytest.raises(openai.BadRequestError) as info:
+            await legacy(served, **kwargs)
+        if param is not None:
+            assert info.value.param == param

@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from trioserve.completions import CompletionService
 from trioserve.config import Settings
 from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest, PayloadTooLarge, TrioserveError, Unavailable
@@ -34,12 +35,13 @@ from trioserve.httpio import (
     validation_error,
 )
 from trioserve.metrics import CONTENT_TYPE, Metrics
-from trioserve.protocol import ChatCompletionChunk, ChatCompletionRequest, dump
+from trioserve.protocol import ChatCompletionRequest, CompletionRequest, dump
 from trioserve.serving import ChatService
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions")
+RequestBody = ChatCompletionRequest | CompletionRequest
 
 
 class TrioserveApp(QuartTrio):
@@ -57,7 +59,7 @@ class TrioserveApp(QuartTrio):
         self.draining = True
 
 
-def _request_timeout(settings: Settings, body: ChatCompletionRequest) -> float:
+def _request_timeout(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> float:
     """The request's time limit: its own (header or body) if given, never more than the server's."""
     header = request.headers.get("X-Request-Timeout")
     requested = body.request_timeout
@@ -87,7 +89,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         on_request_end = staticmethod(lambda state, ended: _request_ended(app, state, ended))
 
     app.asgi_http_class = Connection
-    service = ChatService(engine, strict_model_name=settings.strict_model_name)
+    chat = ChatService(engine, strict_model_name=settings.strict_model_name)
+    legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     engine_scopes: list[trio.CancelScope] = []
 
     @app.before_serving
@@ -175,21 +178,21 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     @app.get("/v1/models")
     @app.get("/models")
     async def models() -> Response:
-        return json_response(await service.models())
+        return json_response(await chat.models())
 
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")
-    async def chat_completions() -> Response:
+    async def generate(service: ChatService | CompletionService, model: type[RequestBody]) -> Response:
+        """The shared path of both generation routes: parse, prepare, admit, then answer or stream."""
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         raw = await read_json(settings.max_body_bytes)
         try:
-            body = ChatCompletionRequest.model_validate(raw)
+            body = model.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(exc) from None
         time_limit = _request_timeout(settings, body)
-        prepared = await service.prepare(body, request_id=state.request_id, time_limit=time_limit)
+        prepared = await service.prepare(body, request_id=state.client_request_id, time_limit=time_limit)  # type: ignore[arg-type]
+        state.request_id = prepared.completion_id  # logs and X-Request-Id then match the completion's id
         state.timing = prepared.timing
         # 429 here, before any response starts; streams admitted before a refusal are closed with the request.
         streams = [state.own(engine.submit(generation)) for generation in prepared.generations]
@@ -204,30 +207,39 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
             # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
             async with aclosing(service.stream(prepared, streams)) as items:
                 async for item in items:
-                    if isinstance(item, ChatCompletionChunk):
-                        yield sse_event(dump(item))
-                    else:
+                    if isinstance(item, TrioserveError):
                         state.abort_reason = prepared.timing.aborted or "error"
                         yield sse_event(item.to_dict())
                         return
+                    yield sse_event(dump(item))
             yield b"data: [DONE]\n\n"
 
         response = Response(events(), headers=SSE_HEADERS)
         response.timeout = None
         return response
 
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions() -> Response:
+        return await generate(chat, ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions() -> Response:
+        return await generate(legacy, CompletionRequest)
+
     return app
 
 
 def openapi_document() -> dict[str, object]:
     """An OpenAPI 3.1 document generated from the wire models (what fuzzers and clients can read)."""
-    from trioserve.protocol import ChatCompletion, ModelList
+    from trioserve.protocol import ChatCompletion, ChatCompletionChunk, Completion, ModelList
 
     def ref(name: str) -> dict[str, str]:
         return {"$ref": f"#/components/schemas/{name}"}
 
     schemas: dict[str, object] = {}
-    for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ModelList):
+    for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, CompletionRequest, Completion, ModelList):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -250,6 +262,18 @@ def openapi_document() -> dict[str, object]:
             },
         }
     }
+    legacy = {
+        "post": {
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref("CompletionRequest")}}},
+            "responses": {
+                "200": {
+                    "description": "a text_completion, or SSE chunks of one",
+                    "content": {"application/json": {"schema": ref("Completion")}},
+                },
+                **{status: error for status in ("400", "401", "404", "413", "429", "500", "503", "504")},
+            },
+        }
+    }
     models = {
         "get": {
             "responses": {
@@ -263,7 +287,7 @@ def openapi_document() -> dict[str, object]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "trioserve", "version": "0.1.0"},
-        "paths": {"/v1/chat/completions": chat, "/v1/models": models},
+        "paths": {"/v1/chat/completions": chat, "/v1/completions": legacy, "/v1/models": models},
         "components": {"schemas": schemas},
     }
 

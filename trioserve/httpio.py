@@ -45,9 +45,10 @@ CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Request-Timeo
 class RequestState:
     """Per-HTTP-request bookkeeping shared by the connection and the handler (through the ASGI scope)."""
 
-    request_id: str
+    request_id: str  # the client's X-Request-Id, else one made here; a completion's own id once known
     method: str
     path: str
+    client_request_id: str | None = None
     disconnected: bool = False
     status: int = 0
     timing: RequestTiming | None = None
@@ -84,7 +85,9 @@ class TrioserveConnection(TrioASGIHTTPConnection):
     on_request_end: RequestEnded | None = None
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        state = RequestState(_incoming_request_id(self.scope), self.scope["method"], self.scope["path"])
+        client_id = _incoming_request_id(self.scope)
+        state = RequestState(client_id or f"req-{uuid.uuid4().hex}", self.scope["method"], self.scope["path"])
+        state.client_request_id = client_id
         self.scope[STATE_KEY] = state  # type: ignore[literal-required]
 
         async def send_and_note_status(event: ASGISendEvent) -> None:
@@ -111,11 +114,11 @@ class TrioserveConnection(TrioASGIHTTPConnection):
         nursery.cancel_scope.cancel()
 
 
-def _incoming_request_id(scope: Any) -> str:
+def _incoming_request_id(scope: Any) -> str | None:
     for name, value in scope.get("headers", []):
         if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
             return str(value.decode("latin-1"))
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    return None
 
 
 def _log_access(state: RequestState, ended: float) -> None:

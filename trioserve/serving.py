@@ -1,7 +1,8 @@
 """Between the wire models and the engine: prompts in, OpenAI-shaped completions and chunks out. No HTTP.
 
-`ChatService.prepare` does everything that can fail on bad input (tokenizing, context checks, parameter
-conversion) before anything is admitted; `complete` and `stream` then only consume the engine's tokens.
+`GenerationService` holds what chat and legacy completions share. `prepare` does everything that can fail
+on bad input (tokenizing, context checks, parameter conversion) before anything is admitted; `complete`
+and `stream` then only consume the engine's tokens.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from trioserve.protocol import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    _SamplingFields,
     chat_completion_id,
     now,
 )
 from trioserve.tokenization import StopMatcher
-from trioserve.types import FinishReason, GenerationRequest, Runner, TokenEvent, Tokenizer
+from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +111,17 @@ class RequestTiming:
 
 
 @dataclass
-class PreparedChat:
-    """A validated chat request, ready to hand to the engine."""
+class Prepared:
+    """A validated request, ready to hand to the engine: one generation per choice."""
 
-    body: ChatCompletionRequest
-    generations: tuple[GenerationRequest, ...]  # one per choice (n)
+    body: _SamplingFields
+    generations: tuple[GenerationRequest, ...]  # choice i is generations[i]
     completion_id: str
     created: int
     model: str
     stops: list[str]
     timing: RequestTiming
+    logprobs: bool = False  # build logprob entries for every token
 
     @property
     def generation(self) -> GenerationRequest:
@@ -129,8 +132,8 @@ class PreparedChat:
         return self.completion_id
 
 
-class ChatService:
-    """Chat completions on top of an engine.
+class GenerationService:
+    """What chat and legacy completions share: model checks, choices, token waits, text assembly.
 
     Args:
         engine: the engine serving the model.
@@ -146,55 +149,36 @@ class ChatService:
         runner = await self.engine.ensure_loaded()
         return ModelList(data=[ModelCard(id=runner.model_id, created=now())])
 
-    async def prepare(
-        self, body: ChatCompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
-    ) -> PreparedChat:
-        """Validates against the model and builds the engine request.
-
-        Args:
-            body: the parsed request.
-            request_id: the id to use (the client's X-Request-Id), else a new ``chatcmpl-`` id.
-            time_limit: seconds from now the whole request may take (its deadline).
+    def _check(self, body: _SamplingFields, model: str | None, runner: Runner) -> None:
+        """The model name (with ``strict_model_name``), and unknown fields (logged once per name).
 
         Raises:
-            InvalidRequest: the prompt or a parameter does not fit the model.
             ModelNotFound: with ``strict_model_name``, the request named another model.
-            Unavailable: the model failed to load.
         """
-        arrived = trio.current_time()
-        runner = await self.engine.ensure_loaded()
-        if self.strict_model_name and body.model not in (None, runner.model_id):
-            raise ModelNotFound(f"The model `{body.model}` does not exist.", param="model")
-        prompt_ids = runner.tokenizer.encode_chat([m.for_template() for m in body.messages])
-        if body.truncate is not None:
-            prompt_ids = prompt_ids[-body.truncate :]
-        max_tokens = _resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
-        params = body.to_sampling_params(
-            max_tokens=max_tokens, vocab_size=runner.vocab_size, logprobs=body.requested_logprobs()
-        )
-        completion_id = request_id or chat_completion_id()
+        if self.strict_model_name and model not in (None, runner.model_id):
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         unknown = [name for name in body.unknown_fields() if name not in self._reported_unknown]
         if unknown:
             # Once per field name: clients that always send an extra field should not flood the log.
             self._reported_unknown.update(unknown)
             logger.warning("ignoring request fields this server does not know: %s", ", ".join(unknown))
-        generations = [GenerationRequest(completion_id, tuple(prompt_ids), params)]
-        for index in range(1, body.n):
-            # Each choice its own sequence; with a seed, seeds seed+1, seed+2... keep them distinct.
-            seed = params.seed + index if params.seed is not None else None
-            choice_params = dataclasses.replace(params, seed=seed)
-            generations.append(GenerationRequest(f"{completion_id}-{index}", tuple(prompt_ids), choice_params))
-        return PreparedChat(
-            body=body,
-            generations=tuple(generations),
-            completion_id=completion_id,
-            created=now(),
-            model=runner.model_id,
-            stops=body.stop_strings(),
-            timing=RequestTiming(arrived=arrived, deadline=arrived + time_limit, prompt_tokens=len(prompt_ids)),
-        )
 
-    async def _next(self, prepared: PreparedChat, stream: TokenStream) -> TokenEvent | None:
+    @staticmethod
+    def _choices(
+        completion_id: str, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], n: int
+    ) -> tuple[GenerationRequest, ...]:
+        """Choice ``p * n + i`` is the ``i``-th sample for prompt ``p``, each its own sequence. With a seed,
+        sample ``i`` uses ``seed + i``: the choices differ and stay reproducible."""
+        generations = []
+        for p, (prompt, base) in enumerate(zip(prompts, params, strict=True)):
+            for i in range(n):
+                index = p * n + i
+                seed = base.seed + i if base.seed is not None else None
+                request_id = completion_id if index == 0 else f"{completion_id}-{index}"
+                generations.append(GenerationRequest(request_id, tuple(prompt), dataclasses.replace(base, seed=seed)))
+        return tuple(generations)
+
+    async def _next(self, prepared: Prepared, stream: TokenStream) -> TokenEvent | None:
         """The next token event, or None at the end.
 
         The deadline is applied to each wait, never across a ``yield``: a cancel scope must not stay open
@@ -219,12 +203,11 @@ class ChatService:
             f"the request took longer than its deadline ({timing.deadline - timing.arrived:g} s)",
         )
 
-    def _assembler(self, prepared: PreparedChat) -> TextAssembler:
+    def _assembler(self, prepared: Prepared, index: int) -> TextAssembler:
         runner = self.engine.runner
         assert runner is not None
-        return TextAssembler(
-            runner.tokenizer, prepared.generation.prompt_ids, prepared.stops, logprobs=prepared.body.logprobs
-        )
+        prompt_ids = prepared.generations[index].prompt_ids
+        return TextAssembler(runner.tokenizer, prompt_ids, prepared.stops, logprobs=prepared.logprobs)
 
     def _is_eos(self, event: TokenEvent) -> bool:
         runner = self.engine.runner
@@ -232,7 +215,7 @@ class ChatService:
         return event.token.token_id in runner.eos_token_ids and event.finish_reason is FinishReason.STOP
 
     async def _pieces(
-        self, prepared: PreparedChat, streams: Sequence[TokenStream]
+        self, prepared: Prepared, streams: Sequence[TokenStream]
     ) -> AsyncGenerator[tuple[int, Piece], None]:
         """Text pieces of every choice, as (index, piece), taking the choices in turn.
 
@@ -244,7 +227,7 @@ class ChatService:
             DeadlineExceeded, GenerationFailed: as `_next`.
             Unavailable: the server closed a stream (shutdown).
         """
-        assemblers = [self._assembler(prepared) for _ in streams]
+        assemblers = [self._assembler(prepared, index) for index in range(len(streams))]
         active = list(range(len(streams)))
         while active:
             for index in list(active):
@@ -257,7 +240,48 @@ class ChatService:
                     active.remove(index)
                 yield index, piece
 
-    async def complete(self, prepared: PreparedChat, streams: Sequence[TokenStream]) -> ChatCompletion:
+
+class ChatService(GenerationService):
+    """Chat completions: messages through the model's chat template."""
+
+    async def prepare(
+        self, body: ChatCompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
+    ) -> Prepared:
+        """Validates against the model and builds the engine request.
+
+        Args:
+            body: the parsed request.
+            request_id: the id to use (the client's X-Request-Id), else a new ``chatcmpl-`` id.
+            time_limit: seconds from now the whole request may take (its deadline).
+
+        Raises:
+            InvalidRequest: the prompt or a parameter does not fit the model.
+            ModelNotFound: with ``strict_model_name``, the request named another model.
+            Unavailable: the model failed to load.
+        """
+        arrived = trio.current_time()
+        runner = await self.engine.ensure_loaded()
+        self._check(body, body.model, runner)
+        prompt_ids = runner.tokenizer.encode_chat([m.for_template() for m in body.messages])
+        if body.truncate is not None:
+            prompt_ids = prompt_ids[-body.truncate :]
+        max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
+        params = body.to_sampling_params(
+            max_tokens=max_tokens, vocab_size=runner.vocab_size, logprobs=body.requested_logprobs()
+        )
+        completion_id = request_id or chat_completion_id()
+        return Prepared(
+            body=body,
+            generations=self._choices(completion_id, [prompt_ids], [params], body.n),
+            completion_id=completion_id,
+            created=now(),
+            model=runner.model_id,
+            stops=body.stop_strings(),
+            timing=RequestTiming(arrived=arrived, deadline=arrived + time_limit, prompt_tokens=len(prompt_ids)),
+            logprobs=body.logprobs,
+        )
+
+    async def complete(self, prepared: Prepared, streams: Sequence[TokenStream]) -> ChatCompletion:
         """Collects a whole completion (one choice per stream); every stream is closed when it returns."""
         parts: list[list[str]] = [[] for _ in streams]
         logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
@@ -275,7 +299,7 @@ class ChatService:
             ChatChoice(
                 index=index,
                 message=AssistantMessage(content="".join(parts[index])),
-                logprobs=ChoiceLogprobs(content=logprobs[index]) if prepared.body.logprobs else None,
+                logprobs=ChoiceLogprobs(content=logprobs[index]) if prepared.logprobs else None,
                 finish_reason=reason.value if reason is not None else None,
             )
             for index, reason in enumerate(finish)
@@ -285,12 +309,12 @@ class ChatService:
             created=prepared.created,
             model=prepared.model,
             choices=choices,
-            usage=_usage(prepared),
+            usage=usage_of(prepared),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
     async def stream(
-        self, prepared: PreparedChat, streams: Sequence[TokenStream]
+        self, prepared: Prepared, streams: Sequence[TokenStream]
     ) -> AsyncGenerator[ChatCompletionChunk | TrioserveError, None]:
         """Yields the chunks of a streamed completion, or one error (after which the stream ends).
 
@@ -305,7 +329,7 @@ class ChatService:
             choice = ChunkChoice(
                 index=index,
                 delta=delta,
-                logprobs=ChoiceLogprobs(content=list(logprobs)) if prepared.body.logprobs and logprobs else None,
+                logprobs=ChoiceLogprobs(content=list(logprobs)) if prepared.logprobs and logprobs else None,
                 finish_reason=finish.value if finish is not None else None,
             )
             return ChatCompletionChunk(
@@ -341,19 +365,19 @@ class ChatService:
                     created=prepared.created,
                     model=prepared.model,
                     choices=[],
-                    usage=_usage(prepared),
+                    usage=usage_of(prepared),
                     system_fingerprint=SYSTEM_FINGERPRINT,
                 )
 
 
-def _usage(prepared: PreparedChat) -> Usage:
-    """Prompt tokens once (the choices share the prompt), completion tokens of every choice."""
-    prompt = len(prepared.generation.prompt_ids)
+def usage_of(prepared: Prepared) -> Usage:
+    """Each prompt's tokens once (its choices share it), and the completion tokens of every choice."""
+    prompt = prepared.timing.prompt_tokens or 0
     completion = prepared.timing.completion_tokens
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | None) -> int:
+def resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:
     """The tokens the request may generate; OpenAI's wording when prompt plus request exceed the context."""
     room = runner.max_context - prompt_tokens
     if requested is None:
@@ -361,7 +385,7 @@ def _resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | Non
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {runner.max_context} tokens. However, your messages "
                 f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
-                param="messages",
+                param=param,
             )
         return room
     if requested > room:
@@ -369,6 +393,6 @@ def _resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | Non
             f"This model's maximum context length is {runner.max_context} tokens. However, you requested "
             f"{prompt_tokens + requested} tokens ({prompt_tokens} in the messages, {requested} in the "
             "completion). Please reduce the length of the messages or completion.",
-            param="messages",
+            param=param,
         )
     return requested

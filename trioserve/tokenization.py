@@ -48,6 +48,11 @@ class ChatTokenizer:
         ids: list[int] = self.hf.encode(text, add_special_tokens=False)
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Tokenizes a raw prompt as the model expects one (its BOS token included, if it uses one)."""
+        ids: list[int] = self.hf.encode(text)
+        return ids
+
     def decode(self, token_ids: Sequence[int]) -> str:
         text = self.hf.decode(list(token_ids), skip_special_tokens=True)
         assert isinstance(text, str)
