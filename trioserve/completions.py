@@ -35,20 +35,18 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
 
 class _LegacyLogprobs:
-    """Accumulates one choice's logprobs in the legacy shape."""
+    """Converts one choice's logprobs to the legacy shape, keeping the text offset across calls."""
 
     def __init__(self, start_offset: int) -> None:
-        self.value = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         self._offset = start_offset
 
     def add(self, entries: Sequence[TokenLogprob]) -> CompletionLogprobs:
         added = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for entry in entries:
-            for target in (self.value, added):
-                target.tokens.append(entry.token)
-                target.token_logprobs.append(entry.logprob)
-                target.top_logprobs.append({top.token: top.logprob for top in entry.top_logprobs})
-                target.text_offset.append(self._offset)
+            added.tokens.append(entry.token)
+            added.token_logprobs.append(entry.logprob)
+            added.top_logprobs.append({top.token: top.logprob for top in entry.top_logprobs})
+            added.text_offset.append(self._offset)
             self._offset += len(entry.token)
         return added
 
@@ -117,28 +115,14 @@ class CompletionService(GenerationService):
 
     async def complete(self, prepared: Prepared, streams: Sequence[TokenStream]) -> Completion:
         """Collects every choice; every stream is closed when it returns."""
-        texts = [[self._echo(prepared, index)] for index in range(len(streams))]
-        logprobs = [_LegacyLogprobs(len(texts[index][0])) for index in range(len(streams))]
-        finish: list[str | None] = [None for _ in streams]
-        async with AsyncExitStack() as owned:
-            for stream in streams:
-                await owned.enter_async_context(stream)
-            async with aclosing(self._pieces(prepared, streams)) as pieces:
-                async for index, piece in pieces:
-                    texts[index].append(piece.text)
-                    logprobs[index].add(piece.logprobs)
-                    if piece.finish_reason is not None:
-                        finish[index] = piece.finish_reason.value
-        prepared.timing.finish_reason = ",".join(f for f in finish if f is not None)
-        choices = [
-            CompletionChoice(
-                text="".join(texts[index]),
-                index=index,
-                logprobs=logprobs[index].value if prepared.logprobs else None,
-                finish_reason=finish[index],
+        choices = []
+        for index, choice in enumerate(await self._collect(prepared, streams)):
+            echo = self._echo(prepared, index)
+            logprobs = _LegacyLogprobs(len(echo)).add(choice.logprobs) if prepared.logprobs else None
+            finish = choice.finish.value if choice.finish is not None else None
+            choices.append(
+                CompletionChoice(text=echo + choice.text, index=index, logprobs=logprobs, finish_reason=finish)
             )
-            for index in range(len(streams))
-        ]
         return self._completion(prepared, choices, usage=True)
 
     async def stream(

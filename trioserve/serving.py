@@ -132,6 +132,19 @@ class Prepared:
         return self.completion_id
 
 
+@dataclass
+class Collected:
+    """One choice of a non-streamed response, once its sequence has finished."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 class GenerationService:
     """What chat and legacy completions share: model checks, choices, token waits, text assembly.
 
@@ -240,6 +253,21 @@ class GenerationService:
                     active.remove(index)
                 yield index, piece
 
+    async def _collect(self, prepared: Prepared, streams: Sequence[TokenStream]) -> list[Collected]:
+        """Every choice's text, logprobs and finish reason; every stream is closed when it returns."""
+        collected = [Collected() for _ in streams]
+        async with AsyncExitStack() as owned:
+            for stream in streams:
+                await owned.enter_async_context(stream)
+            async with aclosing(self._pieces(prepared, streams)) as pieces:
+                async for index, piece in pieces:
+                    choice = collected[index]
+                    choice.parts.append(piece.text)
+                    choice.logprobs.extend(piece.logprobs)
+                    choice.finish = piece.finish_reason or choice.finish
+        prepared.timing.finish_reason = ",".join(c.finish.value for c in collected if c.finish is not None)
+        return collected
+
 
 class ChatService(GenerationService):
     """Chat completions: messages through the model's chat template."""
@@ -283,26 +311,14 @@ class ChatService(GenerationService):
 
     async def complete(self, prepared: Prepared, streams: Sequence[TokenStream]) -> ChatCompletion:
         """Collects a whole completion (one choice per stream); every stream is closed when it returns."""
-        parts: list[list[str]] = [[] for _ in streams]
-        logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
-        finish: list[FinishReason | None] = [None for _ in streams]
-        async with AsyncExitStack() as owned:
-            for stream in streams:
-                await owned.enter_async_context(stream)
-            async with aclosing(self._pieces(prepared, streams)) as pieces:
-                async for index, piece in pieces:
-                    parts[index].append(piece.text)
-                    logprobs[index].extend(piece.logprobs)
-                    finish[index] = piece.finish_reason or finish[index]
-        prepared.timing.finish_reason = ",".join(f.value for f in finish if f is not None)
         choices = [
             ChatChoice(
                 index=index,
-                message=AssistantMessage(content="".join(parts[index])),
-                logprobs=ChoiceLogprobs(content=logprobs[index]) if prepared.logprobs else None,
-                finish_reason=reason.value if reason is not None else None,
+                message=AssistantMessage(content=choice.text),
+                logprobs=ChoiceLogprobs(content=choice.logprobs) if prepared.logprobs else None,
+                finish_reason=choice.finish.value if choice.finish is not None else None,
             )
-            for index, reason in enumerate(finish)
+            for index, choice in enumerate(await self._collect(prepared, streams))
         ]
         return ChatCompletion(
             id=prepared.completion_id,
