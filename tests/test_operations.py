@@ -248,3 +248,19 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
         assert "shut down cleanly" in port_file.read_text()
     finally:
         process.kill()
+
+
+async def test_requests_reaching_a_draining_app_get_503() -> None:
+    app = demo_app()
+    async with open_client(app) as client:
+        assert (await client.get("/health")).status_code == 200
+        app.start_draining()
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert (await health.get_json())["status"] == "draining"
+        for path in (CHAT, "/v1/completions"):
+            body = {"messages": MESSAGES, "prompt": "x", "max_tokens": 2}
+            response = await client.post(path, json=body)
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.get_json())["error"]["type"] == "service_unavailable"
