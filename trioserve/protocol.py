@@ -73,6 +73,7 @@ class _SamplingFields(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} for now
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -95,6 +96,14 @@ class _SamplingFields(BaseModel):
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Refused rather than ignored: a client asking for JSON relies on the output parsing.
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"response_format type {value.get('type')!r} is not supported by this server yet")
         return value
 
     @field_validator("logit_bias")
