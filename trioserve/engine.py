@@ -110,18 +110,8 @@ class TokenStream:
         return self._sequence.request.request_id
 
     @property
-    def forward_passes(self) -> int:
-        """Forward passes that carried this sequence so far."""
-        return self._sequence.forward_passes
-
-    @property
     def finished(self) -> bool:
         return self._sequence.outcome is not None
-
-    @property
-    def released(self) -> bool:
-        """True once the runner holds nothing of this sequence."""
-        return self.finished and not self._sequence.release_pending
 
     def close(self) -> bool:
         """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then
@@ -207,7 +197,6 @@ class Engine:
         self._deferred_releases: list[_Sequence] = []
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.steps = 0
         self.history: deque[RequestRecord] = deque(maxlen=history)
         self._on_record = on_record
         self.failed_steps_in_a_row = 0
@@ -237,9 +226,6 @@ class Engine:
             if sequence.request.request_id == request_id:
                 return sequence.forward_passes
         return next((r.forward_passes for r in reversed(self.history) if r.request_id == request_id), None)
-
-    def is_live(self, request_id: str) -> bool:
-        return any(s.request.request_id == request_id for s in self._sequences.values())
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -397,7 +383,6 @@ class Engine:
                 if sequence.started is None:
                     sequence.started = now
             self._step_in_flight = plan
-            self.steps += 1
             try:
                 output = await self._offload(runner.step, plan, self.limiter)
             except Exception as exc:

@@ -150,10 +150,9 @@ class TransformersRunner:
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> StepOutput:
         tokens: dict[int, SampledToken] = {}
+        # Every live group, the running batch included, is some live sequence's group.
         for group in {id(s.group): s.group for s in self._sequences.values()}.values():
             group.compact()
-        if self._batch is not None:
-            self._batch.compact()
         if len(plan.prefill) == 1:
             token = self._prefill_chunk(plan.prefill[0])
             if token is not None:

@@ -27,19 +27,20 @@ class SequenceSampler:
         self._vocab_size = vocab_size
         self._device = device
         self.generated = 0
-        self._needs_counts = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
         if params.repetition_penalty != 1.0:
             self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self._seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
-        if self._needs_counts:
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
             values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
             self._bias = ids, values
+        # Nothing to apply: `process` can hand back the row as it is, without a copy.
+        self._plain = self._seen is None and self._counts is None and self._bias is None and params.min_tokens == 0
 
     def record(self, token_id: int) -> None:
         self.generated += 1
@@ -49,9 +50,12 @@ class SequenceSampler:
             self._counts[token_id] += 1
 
     def process(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> torch.Tensor:
-        """Applies penalties and biases to one row of float32 logits (a new tensor)."""
+        """Applies penalties and biases to one row of float32 logits (a copy; the row itself if none apply)."""
         params = self.params
-        logits = logits[: self._vocab_size].clone()
+        logits = logits[: self._vocab_size]
+        if self._plain:
+            return logits
+        logits = logits.clone()
         if self._seen is not None:
             penalty = params.repetition_penalty
             seen = logits[self._seen]
@@ -91,7 +95,6 @@ def sample_rows(
 ) -> list[SampledToken]:
     """Picks one token for each row of ``logits`` ([rows, vocab]) and records it in its sampler."""
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
     results = []
     for row, sampler in enumerate(samplers):
         params = sampler.params
@@ -104,7 +107,10 @@ def sample_rows(
             noise = torch.empty_like(probs).exponential_(generator=sampler.generator)
             token_id = int(torch.argmax(probs / noise))
         sampler.record(token_id)
-        row_logprobs = raw_logprobs[row]
+        if params.logprobs is None:  # the common case: no full-vocabulary log-softmax per token
+            results.append(SampledToken(token_id))
+            continue
+        row_logprobs = torch.log_softmax(logits[row], dim=-1)
         top: tuple[tuple[int, float], ...] = ()
         if params.logprobs:
             values, ids = torch.topk(row_logprobs, params.logprobs)

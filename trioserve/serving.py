@@ -62,11 +62,9 @@ class TextAssembler:
         self._detokenizer = tokenizer.detokenizer(prompt_ids)
         self._stops = StopMatcher(stops)
         self._logprobs = logprobs
-        self.completion_tokens = 0
 
     def feed(self, event: TokenEvent, *, eos: bool) -> Piece:
         """Takes the next event; ``eos`` says its token is an end-of-sequence token (never shown)."""
-        self.completion_tokens += 1
         text = "" if eos else self._detokenizer.push(event.token.token_id)
         if event.finish_reason is not None:
             text += self._detokenizer.flush()
