@@ -112,7 +112,8 @@ async def test_stop_string_is_honoured_and_never_shown(client: Client) -> None:
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": MESSAGES, "logit_bias": {"99999": 1}}, "logit_bias"),
         ({"messages": MESSAGES, "max_tokens": 5000}, "messages"),
-        ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
     ],
 )
 async def test_bad_input_is_a_400_openai_error(client: Client, body: Any, param: str) -> None:

@@ -125,6 +125,29 @@ messages = st.lists(
     ),
     max_size=3,
 )
+# JSON Schema keywords with values of any shape: the grammar compiler must refuse or accept, never crash.
+SCHEMA_KEYWORDS = [
+    "type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs",
+    "required", "additionalProperties", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
+    "exclusiveMinimum", "multipleOf", "minItems", "maxItems", "x-guidance",
+]  # fmt: skip
+schemas = st.recursive(
+    json_values | st.sampled_from(["string", "integer", "object", "array", "#/$defs/a", "#", "^a+$", "date-time"]),
+    lambda inner: st.dictionaries(st.sampled_from(SCHEMA_KEYWORDS), inner, max_size=4),
+    max_leaves=16,
+)
+response_formats = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("json_schema"),
+            "json_schema": st.fixed_dictionaries(
+                {"name": st.just("s"), "schema": schemas}, optional={"strict": st.booleans()}
+            ),
+        }
+    ),
+)
 special = st.sampled_from(
     [
         {"n": 10**6},
@@ -136,7 +159,10 @@ special = st.sampled_from(
     ]
 )
 bodies = (
-    st.fixed_dictionaries({"messages": messages}, optional={f: json_values for f in FIELDS if f != "messages"})
+    st.fixed_dictionaries(
+        {"messages": messages},
+        optional={f: json_values for f in FIELDS if f != "messages"} | {"response_format": response_formats},
+    )
     | special
     | json_values
 )

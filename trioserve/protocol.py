@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trioserve.errors import InvalidRequest
+from trioserve.guided import JSON_OBJECT_SCHEMA, json_grammar
 from trioserve.types import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -63,6 +64,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the output must match, with OpenAI's naming rules."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON value
+    strict: bool | None = None  # true: keywords the compiler cannot enforce are a 400, not ignored
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON matching a schema; enforced while sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar enforcing this format (None for text).
+
+        Raises:
+            InvalidRequest: the schema is invalid or cannot be enforced.
+        """
+        if self.type == "json_object":
+            return json_grammar(JSON_OBJECT_SCHEMA)
+        if self.json_schema is not None:
+            spec = self.json_schema
+            schema = spec.schema_ if spec.schema_ is not None else {}
+            return json_grammar(schema, strict=bool(spec.strict), param="response_format.json_schema.schema")
+        return None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and legacy completions."""
 
@@ -73,7 +112,7 @@ class _SamplingFields(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} for now
+    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -98,13 +137,12 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Refused rather than ignored: a client asking for JSON relies on the output parsing.
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"response_format type {value.get('type')!r} is not supported by this server yet")
-        return value
+    @model_validator(mode="after")
+    def _check_format_and_eos(self) -> _SamplingFields:
+        # The grammar ends the output with EOS once the value is complete; ignoring EOS would run past it.
+        if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -128,7 +166,8 @@ class _SamplingFields(BaseModel):
         """The internal sampling parameters; ``max_tokens`` is resolved by the caller against the context.
 
         Raises:
-            InvalidRequest: a logit_bias token id is outside the vocabulary.
+            InvalidRequest: a logit_bias token id is outside the vocabulary, or the response_format's schema is
+                invalid or cannot be enforced.
         """
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         if vocab_size is not None:
@@ -151,6 +190,7 @@ class _SamplingFields(BaseModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            grammar=self.response_format.grammar() if self.response_format is not None else None,
         )
 
 

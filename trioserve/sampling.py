@@ -1,7 +1,8 @@
 """Choosing the next token for each row of a batch, each row with its own parameters and generator.
 
 Order of processing (as in Hugging Face's `generate` and vLLM): repetition penalty over prompt and output,
-OpenAI presence/frequency penalties over the output, logit bias, then temperature, top-k, top-p and min-p.
+OpenAI presence/frequency penalties over the output, logit bias, the grammar's mask (``response_format``),
+then temperature, top-k, top-p and min-p.
 Randomness comes only from each sequence's own `torch.Generator`, so a seeded request gives the same tokens
 whatever else is in its batch, and nothing touches the global RNG.
 """
@@ -13,14 +14,35 @@ from collections.abc import Sequence
 
 import torch
 
+from trioserve.guided import Guide
 from trioserve.types import SampledToken, SamplingParams
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def unpack_mask(mask: bytes, size: int) -> torch.Tensor:
+    """A boolean tensor of ``size`` entries from a little-endian bitmask (token *i* at bit ``i % 8`` of byte
+    ``i // 8``); entries past the mask's end are False."""
+    packed = torch.frombuffer(bytearray(mask) or bytearray(1), dtype=torch.uint8)  # frombuffer refuses b""
+    bits = ((packed.unsqueeze(1) >> _BITS) & 1).flatten().bool()
+    if bits.numel() < size:
+        return torch.nn.functional.pad(bits, (0, size - bits.numel()))
+    return bits[:size]
 
 
 class SequenceSampler:
     """Sampling state of one sequence: its parameters, generator and the token counts penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, device: torch.device):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+        guide: Guide | None = None,
+    ):
         self.params = params
+        self.guide = guide
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         # Generators live on the CPU: sampling draws one uniform vector per row, a cost too small to move.
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -40,7 +62,9 @@ class SequenceSampler:
             values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
             self._bias = ids, values
         # Nothing to apply: `process` can hand back the row as it is, without a copy.
-        self._plain = self._seen is None and self._counts is None and self._bias is None and params.min_tokens == 0
+        self._plain = (
+            self._seen is None and self._counts is None and self._bias is None and params.min_tokens == 0
+        ) and guide is None
 
     def record(self, token_id: int) -> None:
         self.generated += 1
@@ -48,6 +72,8 @@ class SequenceSampler:
             self._seen[token_id] = True
         if self._counts is not None:
             self._counts[token_id] += 1
+        if self.guide is not None:
+            self.guide.advance(token_id)
 
     def process(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> torch.Tensor:
         """Applies penalties and biases to one row of float32 logits (a copy; the row itself if none apply)."""
@@ -66,8 +92,18 @@ class SequenceSampler:
         if self._bias is not None:
             ids, values = self._bias
             logits.index_add_(0, ids, values.to(logits.dtype))
+        allowed = None if self.guide is None else unpack_mask(self.guide.allowed(), logits.numel())
         if self.generated < params.min_tokens and eos_token_ids:
-            logits[list(eos_token_ids)] = float("-inf")
+            eos = list(eos_token_ids)
+            if allowed is None:
+                logits[eos] = float("-inf")
+            else:
+                # min_tokens holds EOS back only while the grammar allows something else.
+                without_eos = allowed.clone()
+                without_eos[eos] = False
+                allowed = without_eos if bool(without_eos.any()) else allowed
+        if allowed is not None:
+            logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
         return logits
 
 

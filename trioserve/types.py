@@ -35,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    grammar: str | None = None  # an llguidance grammar the output must match (``response_format``)
 
     @property
     def greedy(self) -> bool:

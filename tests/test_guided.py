@@ -1,0 +1,137 @@
+"""Constrained decoding below the HTTP layer: schema compilation errors, the mask, and how it meets the
+other sampling rules (min_tokens, a failed matcher)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerBase
+
+from trioserve.errors import InvalidRequest
+from trioserve.guided import JSON_OBJECT_SCHEMA, GuideFactory, json_grammar
+from trioserve.sampling import SequenceSampler, sample_rows, unpack_mask
+from trioserve.types import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+@given(st.binary(max_size=40), st.integers(min_value=0, max_value=400))
+def test_unpack_mask_reads_little_endian_bits(mask: bytes, size: int) -> None:
+    expected = [i < len(mask) * 8 and bool(mask[i // 8] >> (i % 8) & 1) for i in range(size)]
+    assert unpack_mask(mask, size).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("schema", "strict", "fragment"),
+    [
+        ({"type": "wat"}, False, "Invalid type"),
+        ({"$ref": "#/nowhere"}, False, "does not exist"),
+        ({"type": "string", "format": "no-such-format"}, True, "format"),
+        # llguidance 1.9.1 panics (a Rust panic, a BaseException in Python) formatting this one's error: it
+        # cuts the message at byte 100, inside a 4-byte character. Still a 400, never a crash.
+        ({"maxLength": {"pattern": "x" + "\U000c51c0" * 30}}, True, "char boundary"),
+    ],
+)
+def test_bad_schemas_are_invalid_requests(schema: dict[str, object], strict: bool, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment) as caught:
+        json_grammar(schema, strict=strict, param="response_format.json_schema.schema")
+    assert caught.value.param == "response_format.json_schema.schema"
+
+
+def test_strict_refuses_keywords_it_cannot_enforce(caplog: pytest.LogCaptureFixture) -> None:
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    with pytest.raises(InvalidRequest, match="uniqueItems"):
+        json_grammar(schema, strict=True)
+    json_grammar(schema, strict=False)  # not strict: best effort, the keyword is ignored and logged
+    assert "uniqueItems" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def guides(hf_tokenizer: PreTrainedTokenizerBase) -> GuideFactory:
+    eos = frozenset({int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))})
+    return GuideFactory(hf_tokenizer, len(hf_tokenizer), eos)
+
+
+def drive(hf_tokenizer: PreTrainedTokenizerBase, sampler: SequenceSampler, eos: int, steps: int) -> list[int]:
+    """Samples from flat logits until EOS (or ``steps``), as the runner does with a model's logits."""
+    vocab = len(hf_tokenizer)
+    tokens: list[int] = []
+    while len(tokens) < steps and (not tokens or tokens[-1] != eos):
+        (token,) = sample_rows(torch.zeros(1, vocab), [sampler], frozenset({eos}))
+        tokens.append(token.token_id)
+    return tokens
+
+
+def test_a_uniform_model_under_a_schema_gives_matching_json(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    schema = {"type": "array", "items": {"enum": [1, 22, 333]}, "minItems": 2, "maxItems": 4}
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    for seed in range(5):
+        params = SamplingParams(seed=seed, grammar=json_grammar(schema))
+        sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(params.grammar or ""))
+        tokens = drive(hf_tokenizer, sampler, eos, 500)
+        assert tokens[-1] == eos
+        value = json.loads(hf_tokenizer.decode(tokens[:-1]))
+        assert 2 <= len(value) <= 4 and set(value) <= {1, 22, 333}
+
+
+def test_min_tokens_holds_eos_back_only_while_the_grammar_allows_more(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    grammar = json_grammar({"const": 7})  # exactly one output: "7", then only EOS
+    params = SamplingParams(temperature=0.0, min_tokens=5, logit_bias={eos: 100.0}, grammar=grammar)
+    sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(grammar))
+    assert hf_tokenizer.decode(drive(hf_tokenizer, sampler, eos, 10)) == "7<|im_end|>"
+    # With a grammar that goes on, min_tokens keeps EOS out until it is met, despite the bias.
+    grammar = json_grammar({"type": "integer", "minimum": 1})
+    params = SamplingParams(temperature=0.0, min_tokens=5, logit_bias={eos: 100.0}, grammar=grammar)
+    sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(grammar))
+    assert hf_tokenizer.decode(drive(hf_tokenizer, sampler, eos, 10)) == "10000<|im_end|>"
+
+
+def test_a_token_the_grammar_refuses_ends_the_sequence_with_eos(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    guide = guides.guide(json_grammar(JSON_OBJECT_SCHEMA))
+    (letter,) = hf_tokenizer.encode("x", add_special_tokens=False)
+    assert not unpack_mask(guide.allowed(), len(hf_tokenizer))[letter]
+    guide.advance(letter)  # what a caller bypassing the mask would do
+    assert guide.failed
+    assert unpack_mask(guide.allowed(), len(hf_tokenizer)).nonzero().flatten().tolist() == [eos]
+
+
+json_leaves = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+)
+SCHEMA_KEYWORDS = [
+    "type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs",
+    "required", "additionalProperties", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
+    "exclusiveMinimum", "multipleOf", "minItems", "maxItems", "x-guidance",
+]  # fmt: skip
+schemas = st.recursive(
+    json_leaves | st.sampled_from(["string", "integer", "object", "array", "#/$defs/a", "#", "^a+$", "date-time"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(SCHEMA_KEYWORDS), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=st.dictionaries(st.sampled_from(SCHEMA_KEYWORDS), schemas, max_size=5), strict=st.booleans())
+def test_any_schema_is_refused_or_enforced_never_a_crash(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory, schema: dict[str, object], strict: bool
+) -> None:
+    try:
+        grammar = json_grammar(schema, strict=strict)
+    except InvalidRequest:
+        return
+    params = SamplingParams(seed=0, grammar=grammar)
+    sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(grammar))
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    drive(hf_tokenizer, sampler, eos, 20)

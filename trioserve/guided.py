@@ -1,0 +1,144 @@
+"""Constrained decoding for ``response_format``: JSON schemas compiled to grammars by llguidance.
+
+Two halves, on two sides of the engine:
+
+- `json_grammar` runs in serving, before admission: it turns a schema into an llguidance grammar and checks
+  it, so a bad schema is a 400 naming ``response_format`` and never reaches the model.
+- `Guide` runs in the runner's worker thread: one matcher per sequence, asked for the tokens allowed next
+  (a bitmask over the vocabulary) before each sample and advanced by the sampled token.
+
+The tokenizer table llguidance needs is built once per model (`GuideFactory`), on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import llguidance
+import llguidance.hf
+from llguidance import LLMatcher
+
+from trioserve.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# Whitespace between JSON tokens: any kind, but at most 64 characters in a row. Pretty-printed output fits
+# (indentation included); what it stops is the known failure of JSON modes where a model, allowed any
+# whitespace, emits newlines until max_tokens. A schema's own "x-guidance" options override this.
+JSON_DEFAULTS: llguidance._lib.JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,64}"}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "response_format") -> str:
+    """An llguidance grammar for JSON text matching ``schema`` (a JSON Schema, draft 2020-12).
+
+    Args:
+        schema: the schema; ``JSON_OBJECT_SCHEMA`` for JSON mode.
+        strict: refuse keywords the compiler does not implement, instead of ignoring them.
+        param: the request field to name in errors.
+
+    Raises:
+        InvalidRequest: the schema is not valid, or uses something the compiler cannot enforce.
+    """
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults=JSON_DEFAULTS, overrides={"lenient": not strict}
+        )
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
+    except BaseException as exc:
+        if not isinstance(exc, ValueError | TypeError) and not _is_panic(exc):
+            raise
+        raise InvalidRequest(f"Invalid schema for response_format: {exc}", param=param) from exc
+    if is_error:
+        raise InvalidRequest(f"Invalid schema for response_format: {messages[0]}", param=param)
+    if messages:
+        logger.warning("response_format schema enforced in part: %s", "; ".join(messages))
+    return grammar
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic inside llguidance: pyo3 raises it as ``pyo3_runtime.PanicException``, a BaseException
+    (seen with some malformed schemas, in error-message formatting). It is the request's fault, not the
+    server's, and must not unwind further than an ordinary error would."""
+    return type(exc).__name__ == "PanicException"
+
+
+class Guide:
+    """One sequence's matcher: which tokens may come next, advanced by each token sampled.
+
+    If the matcher fails (it should not: sampling only picks allowed tokens), the guide allows only EOS
+    from then on, so the sequence ends instead of producing text the grammar cannot account for; the
+    failure is logged.
+    """
+
+    def __init__(self, matcher: LLMatcher, eos_token_id: int) -> None:
+        self._matcher: LLMatcher | None = matcher
+        self._eos_token_id = eos_token_id
+        self._check()
+
+    @property
+    def failed(self) -> bool:
+        return self._matcher is None
+
+    def allowed(self) -> bytes:
+        """A bitmask of the tokens allowed next, token *i* at bit ``i % 8`` of byte ``i // 8``; once the
+        value is complete, only EOS."""
+        if self._matcher is not None:
+            try:
+                mask = self._matcher.compute_bitmask()
+            except BaseException as exc:
+                self._fail(exc)
+            else:
+                if self._check():
+                    return mask
+        only_eos = bytearray(self._eos_token_id // 8 + 1)
+        only_eos[self._eos_token_id // 8] = 1 << (self._eos_token_id % 8)
+        return bytes(only_eos)
+
+    def advance(self, token_id: int) -> None:
+        if self._matcher is None:
+            return
+        try:
+            self._matcher.consume_token(token_id)
+        except BaseException as exc:
+            self._fail(exc)
+        else:
+            self._check()
+
+    def _check(self) -> bool:
+        if self._matcher is not None and self._matcher.is_error():
+            logger.error("constrained decoding stopped the sequence: %s", self._matcher.get_error())
+            self._matcher = None
+        return self._matcher is not None
+
+    def _fail(self, exc: BaseException) -> None:
+        if not _is_panic(exc):
+            raise exc
+        logger.error("constrained decoding stopped the sequence: llguidance panicked: %s", exc)
+        self._matcher = None
+
+
+class GuideFactory:
+    """Builds `Guide`s for one model's tokenizer (llguidance's token table is built on first use)."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self._hf_tokenizer = hf_tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._table: llguidance.LLTokenizer | None = None
+
+    def guide(self, grammar: str) -> Guide:
+        """A fresh matcher for ``grammar`` (one from `json_grammar`). Runs in the worker thread: building a
+        large grammar can take a fraction of a second, with the GIL released."""
+        table = self._tokenizer_table()
+        return Guide(LLMatcher(table, grammar, log_level=0), table.eos_token)
+
+    def _tokenizer_table(self) -> llguidance.LLTokenizer:
+        if self._table is None:
+            size = max(self._vocab_size, len(self._hf_tokenizer))
+            self._table = llguidance.hf.from_tokenizer(
+                self._hf_tokenizer, n_vocab=size, eos_token=self._eos_token_ids or None
+            )
+        return self._table
