@@ -95,6 +95,23 @@ def test_min_tokens_holds_eos_back_only_while_the_grammar_allows_more(
     assert hf_tokenizer.decode(drive(hf_tokenizer, sampler, eos, 10)) == "10000<|im_end|>"
 
 
+def test_guides_for_one_grammar_are_independent(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    # The factory hands out copies of one cached matcher: advancing one must not move the others.
+    grammar = json_grammar({"enum": ["ab", "cd"]})
+    first, second = guides.guide(grammar), guides.guide(grammar)
+    (quote,) = hf_tokenizer.encode('"', add_special_tokens=False)
+    (a, c) = (hf_tokenizer.encode(x, add_special_tokens=False)[0] for x in "ac")
+    first.advance(quote)
+    first.advance(a)
+    assert not unpack_mask(first.allowed(), len(hf_tokenizer))[c]
+    second.advance(quote)
+    assert unpack_mask(second.allowed(), len(hf_tokenizer))[c]
+    third = guides.guide(grammar)
+    assert unpack_mask(third.allowed(), len(hf_tokenizer)).nonzero().flatten().tolist() == [quote]
+
+
 def test_a_token_the_grammar_refuses_ends_the_sequence_with_eos(
     hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
 ) -> None:

@@ -60,7 +60,8 @@ class CompletionService(GenerationService):
         """Tokenizes every prompt, checks the context, builds one generation per prompt and choice.
 
         Raises:
-            InvalidRequest: a token id outside the vocabulary, or a prompt that does not fit the context.
+            InvalidRequest: a token id outside the vocabulary, a prompt that does not fit the context, or a
+                response_format schema that cannot be enforced.
             ModelNotFound: with ``strict_model_name``, the request named another model.
             Unavailable: the model failed to load.
         """
@@ -74,11 +75,13 @@ class CompletionService(GenerationService):
                 raise InvalidRequest("prompt has a token id outside the vocabulary", param="prompt")
             prompts.append(ids[-body.truncate :] if body.truncate is not None else ids)
         requested = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        grammar = await self._grammar(body)
         params = [
             body.to_sampling_params(
                 max_tokens=resolve_max_tokens(runner, len(ids), requested, param="prompt"),
                 vocab_size=runner.vocab_size,
                 logprobs=body.logprobs,
+                grammar=grammar,
             )
             for ids in prompts
         ]

@@ -129,13 +129,16 @@ def load_runner(settings: Settings) -> TransformersRunner:
         torch.nn.Module.eval(model)
         model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
     tokenizer = ChatTokenizer(hf_tokenizer)
-    return TransformersRunner(
+    runner = TransformersRunner(
         model,
         tokenizer,
         model_id=settings.served_model_name or model_id,
         max_batch_size=settings.batch_size,
         eos_token_ids=_eos_ids(model, tokenizer),
     )
+    # Now, with the model, rather than in the first JSON-mode request's step, where it would stall the batch.
+    runner.guides.prepare()
+    return runner
 
 
 def check_settings(settings: Settings) -> None:

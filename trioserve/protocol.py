@@ -161,13 +161,18 @@ class _SamplingFields(BaseModel):
         return sorted(self.model_extra or {})
 
     def to_sampling_params(
-        self, *, max_tokens: int, vocab_size: int | None = None, logprobs: int | None = None
+        self,
+        *,
+        max_tokens: int,
+        vocab_size: int | None = None,
+        logprobs: int | None = None,
+        grammar: str | None = None,
     ) -> SamplingParams:
-        """The internal sampling parameters; ``max_tokens`` is resolved by the caller against the context.
+        """The internal sampling parameters; ``max_tokens`` is resolved by the caller against the context,
+        and ``grammar`` is ``response_format.grammar()``, compiled by the caller (off the event loop).
 
         Raises:
-            InvalidRequest: a logit_bias token id is outside the vocabulary, or the response_format's schema is
-                invalid or cannot be enforced.
+            InvalidRequest: a logit_bias token id is outside the vocabulary.
         """
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         if vocab_size is not None:
@@ -190,7 +195,7 @@ class _SamplingFields(BaseModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
-            grammar=self.response_format.grammar() if self.response_format is not None else None,
+            grammar=grammar,
         )
 
 

@@ -95,7 +95,7 @@ class TransformersRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sequences: dict[int, _Sequence] = {}
         self._batch: _KVGroup | None = None  # the running batch (batched mode)
-        self._guides = GuideFactory(tokenizer.hf, self._vocab_size, eos_token_ids)
+        self.guides = GuideFactory(tokenizer.hf, self._vocab_size, eos_token_ids)
         self.forward_passes = 0
 
     # -- Runner Protocol: properties ------------------------------------------------------------------
@@ -181,7 +181,7 @@ class TransformersRunner:
     def _new_sequence(self, chunk: PrefillChunk, group: _KVGroup) -> _Sequence:
         request = chunk.request
         grammar = request.params.grammar
-        guide = self._guides.guide(grammar) if grammar is not None else None
+        guide = self.guides.guide(grammar) if grammar is not None else None
         sampler = SequenceSampler(request.params, request.prompt_ids, self._vocab_size, self._device, guide)
         sequence = _Sequence(chunk.seq_id, request, sampler, group)
         self._sequences[chunk.seq_id] = sequence

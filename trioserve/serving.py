@@ -175,6 +175,19 @@ class GenerationService:
             logger.warning("ignoring request fields this server does not know: %s", ", ".join(unknown))
 
     @staticmethod
+    async def _grammar(body: _SamplingFields) -> str | None:
+        """The grammar enforcing ``response_format`` (None for text). A large schema takes milliseconds to
+        compile (14 ms for 42 kB here), so it is compiled in a worker thread, not on the event loop.
+
+        Raises:
+            InvalidRequest: the schema is invalid or cannot be enforced.
+        """
+        response_format = body.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        return await trio.to_thread.run_sync(response_format.grammar)
+
+    @staticmethod
     def _choices(
         completion_id: str, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], n: int
     ) -> tuple[GenerationRequest, ...]:
@@ -293,7 +306,10 @@ class ChatService(GenerationService):
             prompt_ids = prompt_ids[-body.truncate :]
         max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
         params = body.to_sampling_params(
-            max_tokens=max_tokens, vocab_size=runner.vocab_size, logprobs=body.requested_logprobs()
+            max_tokens=max_tokens,
+            vocab_size=runner.vocab_size,
+            logprobs=body.requested_logprobs(),
+            grammar=await self._grammar(body),
         )
         completion_id = request_id or chat_completion_id()
         return Prepared(
