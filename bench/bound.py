@@ -20,11 +20,16 @@ from trioserve.scheduler import Scheduler
 from trioserve.types import GenerationRequest, SamplingParams
 
 
-def runner_bound(model_dir: Path, prompt_ids: list[int], batch: int, max_tokens: int, repeats: int = 2) -> float:
-    """Best tokens/s over ``repeats`` runs of B requests through the runner, as the engine would drive it."""
+def runner_bound(
+    model_dir: Path, prompt_ids: list[int], batch: int, max_tokens: int, repeats: int = 2, grammar: str | None = None
+) -> float:
+    """Best tokens/s over ``repeats`` runs of B requests through the runner, as the engine would drive it.
+
+    With ``grammar``, every sequence is constrained by it (it must not allow EOS within ``max_tokens``).
+    """
     settings = Settings(model=str(model_dir), torch_dtype="float32", max_concurrent=batch)
     runner = load_runner(settings)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=grammar is None, grammar=grammar)
     best = 0.0
     for _ in range(repeats):
         scheduler = Scheduler(

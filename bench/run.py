@@ -26,9 +26,17 @@ import trio
 from bench.bound import runner_bound, static_batch
 from bench.client import run_level
 from bench.model import bench_model_dir
+from trioserve.guided import json_grammar
 from trioserve.tokenization import ChatTokenizer
 
 RESULTS = Path(__file__).parent / "results"
+# JSON mode under load: a string that cannot close within max_tokens, so every request produces exactly
+# max_tokens tokens (as ignore_eos does for the plain runs, which a grammar refuses) with the grammar's
+# mask computed and applied at every step.
+JSON_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {"name": "long_text", "schema": {"type": "string", "minLength": 5000}},
+}
 PROMPT = (
     "You are a helpful assistant. Tell me, in a few sentences, what is good about the food, the weather, "
     "the cities and the rivers of the place you know best, and why people like to visit it."
@@ -106,6 +114,15 @@ def table(report: dict[str, Any]) -> str:
             cells += [f"{theirs['output_tokens_per_s']:.1f}", f"{rate / theirs['output_tokens_per_s']:.2f}x"]
             cells += [f"{theirs['ttft_p50_ms']:.0f}", f"{ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x"]
         rows.append("| " + " | ".join(cells) + " |")
+    if report.get("trioserve_json"):
+        rows += [
+            "",
+            "| concurrency | trioserve tok/s | with response_format json_schema tok/s | ratio |",
+            "|---|---|---|---|",
+        ]
+        for ours, constrained in zip(report["trioserve"], report["trioserve_json"], strict=True):
+            plain, guided = ours["output_tokens_per_s"], constrained["output_tokens_per_s"]
+            rows.append(f"| {int(ours['concurrency'])} | {plain:.1f} | {guided:.1f} | {guided / plain:.2f} |")
     return "\n".join(rows)
 
 
@@ -140,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("measuring the in-process bound (runner alone) and the static transformers batch...", file=sys.stderr)
     bound = {str(c): runner_bound(model_dir, prompt_ids, c, args.max_tokens) for c, _ in levels}
     static = {str(c): static_batch(model_dir, prompt_ids, c, args.max_tokens) for c, _ in levels}
+    grammar = json_grammar(JSON_FORMAT["json_schema"]["schema"])
+    bound_json = {str(c): runner_bound(model_dir, prompt_ids, c, args.max_tokens, grammar=grammar) for c, _ in levels}
 
     max_concurrency = max(c for c, _ in levels)
     port = free_port()
@@ -163,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("measuring trioserve...", file=sys.stderr)
     with server(command, port, RESULTS / f"{stamp}-trioserve.log") as url:
         ours = measure_server(url, levels, body)
+        print("measuring trioserve with response_format (constrained decoding)...", file=sys.stderr)
+        json_body = {k: v for k, v in body.items() if k != "ignore_eos"} | {"response_format": JSON_FORMAT}
+        ours_json = measure_server(url, levels, json_body)
 
     peers: dict[str, list[dict[str, float]]] = {}
     have_peer = importlib.util.find_spec("fastapi") is not None and importlib.util.find_spec("uvicorn") is not None
@@ -204,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": {"dir": str(model_dir), "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens},
         "bound": bound,
         "static_batch": static,
+        "bound_json": bound_json,
         "trioserve": ours,
+        "trioserve_json": ours_json,
         "peers": peers,
     }
     out = RESULTS / f"{stamp}.json"

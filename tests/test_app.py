@@ -113,6 +113,7 @@ async def test_stop_string_is_honoured_and_never_shown(client: Client) -> None:
         ({"messages": MESSAGES, "logit_bias": {"99999": 1}}, "logit_bias"),
         ({"messages": MESSAGES, "max_tokens": 5000}, "messages"),
         ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"messages": MESSAGES, "tools": [], "tool_choice": "required"}, "tool_choice"),
         ({"messages": MESSAGES, "response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
     ],
 )

@@ -95,9 +95,7 @@ def test_min_tokens_holds_eos_back_only_while_the_grammar_allows_more(
     assert hf_tokenizer.decode(drive(hf_tokenizer, sampler, eos, 10)) == "10000<|im_end|>"
 
 
-def test_guides_for_one_grammar_are_independent(
-    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
-) -> None:
+def test_guides_for_one_grammar_are_independent(hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory) -> None:
     # The factory hands out copies of one cached matcher: advancing one must not move the others.
     grammar = json_grammar({"enum": ["ab", "cd"]})
     first, second = guides.guide(grammar), guides.guide(grammar)

@@ -139,6 +139,24 @@ async def test_max_tokens_cuts_json_with_length(served: Served) -> None:
     assert completion.choices[0].message.content.startswith("{")
 
 
+async def test_legacy_completions_take_response_format_too(served: Served) -> None:
+    def create() -> Any:
+        with sdk(served) as client:
+            return client.completions.create(
+                model="m",
+                prompt="JSON:",
+                max_tokens=500,
+                n=3,
+                seed=4,
+                extra_body={"response_format": JSON_SCHEMA_FORMAT},
+            )
+
+    completion = await trio.to_thread.run_sync(create)
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop"
+        check_answer(json.loads(choice.text))
+
+
 class Answer(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=8)
     colour: Literal["red", "green", "blue"]

@@ -207,6 +207,15 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tool_choice: Any = None  # `tools` themselves are accepted as an unknown field (logged once)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        # "auto" and "none" may be honoured by answering in text; forcing a call may not.
+        if value not in (None, "auto", "none"):
+            raise ValueError("this server does not call tools; only 'auto' and 'none' are accepted")
+        return value
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
