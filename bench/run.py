@@ -117,12 +117,19 @@ def table(report: dict[str, Any]) -> str:
     if report.get("trioserve_json"):
         rows += [
             "",
-            "| concurrency | trioserve tok/s | with response_format json_schema tok/s | ratio |",
-            "|---|---|---|---|",
+            "| concurrency | trioserve tok/s | with json_schema tok/s | ratio | json bound tok/s | json vs its bound |",
+            "|---|---|---|---|---|---|",
         ]
         for ours, constrained in zip(report["trioserve"], report["trioserve_json"], strict=True):
-            plain, guided = ours["output_tokens_per_s"], constrained["output_tokens_per_s"]
-            rows.append(f"| {int(ours['concurrency'])} | {plain:.1f} | {guided:.1f} | {guided / plain:.2f} |")
+            c = str(int(ours["concurrency"]))
+            plain, guided, bound = (
+                ours["output_tokens_per_s"],
+                constrained["output_tokens_per_s"],
+                report["bound_json"][c],
+            )
+            rows.append(
+                f"| {c} | {plain:.1f} | {guided:.1f} | {guided / plain:.2f} | {bound:.1f} | {guided / bound:.0%} |"
+            )
     return "\n".join(rows)
 
 

@@ -50,6 +50,7 @@ class FakeRunner:
     passes: list[Pass] = field(default_factory=list)
 
     tokenizer: object = None  # engine tests never detokenize; serving tests plug in the tiny real one
+    grammar_unavailable: str | None = "the fake runner samples no logits"
 
     def live_sequences(self) -> int:
         return len(self.caches)

@@ -1,5 +1,5 @@
-"""Constrained decoding below the HTTP layer: schema compilation errors, the mask, and how it meets the
-other sampling rules (min_tokens, a failed matcher)."""
+"""Constrained decoding below the HTTP layer: schema compilation errors, the mask, how it meets the other
+sampling rules (min_tokens, a failed matcher), and models whose tokenizer llguidance cannot read."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ import json
 
 import pytest
 import torch
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
+from tests.fakes import FakeRunner
+from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest
 from trioserve.guided import JSON_OBJECT_SCHEMA, GuideFactory, json_grammar
+from trioserve.protocol import ChatCompletionRequest
 from trioserve.sampling import SequenceSampler, sample_rows, unpack_mask
+from trioserve.serving import ChatService
+from trioserve.tokenization import ChatTokenizer
 from trioserve.types import SamplingParams
 
 CPU = torch.device("cpu")
@@ -150,3 +156,32 @@ def test_any_schema_is_refused_or_enforced_never_a_crash(
     sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(grammar))
     eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
     drive(hf_tokenizer, sampler, eos, 20)
+
+
+class _SlowTokenizer:
+    """Stands for a tokenizer llguidance cannot read (not backed by the `tokenizers` library)."""
+
+    def __len__(self) -> int:
+        return 100
+
+
+def test_an_unreadable_tokenizer_leaves_json_modes_unavailable_not_the_model() -> None:
+    factory = GuideFactory(_SlowTokenizer(), 100, frozenset({1}))
+    factory.prepare()  # what loading does: must not raise
+    assert factory.unavailable is not None and "tokenizer" in factory.unavailable
+
+
+async def test_a_model_without_grammar_support_answers_400_before_admission(chat_tokenizer: ChatTokenizer) -> None:
+    runner = FakeRunner(tokenizer=chat_tokenizer, vocab_size=300)
+    engine = Engine(lambda: runner, max_concurrent=1, max_queue=1, batch_size=1, offload=runner.offload)
+    service = ChatService(engine)
+    body = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        with pytest.raises(InvalidRequest, match="not available for this model") as caught:
+            await service.prepare(body)
+        assert caught.value.param == "response_format"
+        assert engine.active == 0
+        nursery.cancel_scope.cancel()

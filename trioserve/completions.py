@@ -75,7 +75,7 @@ class CompletionService(GenerationService):
                 raise InvalidRequest("prompt has a token id outside the vocabulary", param="prompt")
             prompts.append(ids[-body.truncate :] if body.truncate is not None else ids)
         requested = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
-        grammar = await self._grammar(body)
+        grammar = await self._grammar(body, runner)
         params = [
             body.to_sampling_params(
                 max_tokens=resolve_max_tokens(runner, len(ids), requested, param="prompt"),

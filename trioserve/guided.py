@@ -7,7 +7,7 @@ Two halves, on two sides of the engine:
 - `Guide` runs in the runner's worker thread: one matcher per sequence, asked for the tokens allowed next
   (a bitmask over the vocabulary) before each sample and advanced by the sampled token.
 
-The tokenizer table llguidance needs is built once per model (`GuideFactory`), on first use.
+The token table llguidance needs is built once per model (`GuideFactory.prepare`, at load).
 """
 
 from __future__ import annotations
@@ -137,21 +137,38 @@ class GuideFactory:
         self._vocab_size = vocab_size
         self._eos_token_ids = sorted(eos_token_ids)
         self._table: llguidance.LLTokenizer | None = None
+        self._unavailable: str | None = None
         self._templates: OrderedDict[str, LLMatcher] = OrderedDict()
 
     def prepare(self) -> None:
-        """Builds the token table now (about 0.1 s for a 16k vocabulary here; more for larger ones)."""
-        if self._table is None:
-            size = max(self._vocab_size, len(self._hf_tokenizer))
+        """Builds the token table now (about 0.1 s for a 16k vocabulary here; more for larger ones). A
+        tokenizer llguidance cannot read (it needs a fast, `tokenizers`-backed one) leaves constrained
+        decoding unavailable, with the reason in `unavailable`, rather than failing the model's load."""
+        if self._table is not None or self._unavailable is not None:
+            return
+        size = max(self._vocab_size, len(self._hf_tokenizer))
+        try:
             self._table = llguidance.hf.from_tokenizer(
                 self._hf_tokenizer, n_vocab=size, eos_token=self._eos_token_ids or None
             )
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not _is_panic(exc):
+                raise
+            self._unavailable = f"llguidance cannot read this model's tokenizer ({exc})"
+            logger.warning("response_format JSON modes are unavailable: %s", self._unavailable)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why grammars cannot be enforced for this model, or None when they can."""
+        self.prepare()
+        return self._unavailable
 
     def guide(self, grammar: str) -> Guide:
         """A fresh matcher for ``grammar`` (one from `json_grammar`), in its initial state. Runs in the
         worker thread; llguidance releases the GIL while it builds a grammar."""
         self.prepare()
-        assert self._table is not None
+        if self._table is None:
+            raise RuntimeError(f"constrained decoding is unavailable: {self._unavailable}")
         template = self._templates.pop(grammar, None)
         if template is None:
             try:
@@ -161,6 +178,8 @@ class GuideFactory:
                     raise
                 logger.error("constrained decoding could not start: llguidance panicked: %s", exc)
                 return Guide(None, self._table.eos_token)
+            if template.is_error():  # a grammar this tokenizer cannot serve: not worth keeping
+                return Guide(template, self._table.eos_token)
         self._templates[grammar] = template  # most recently used last
         while len(self._templates) > self.TEMPLATES:
             self._templates.popitem(last=False)

@@ -124,6 +124,10 @@ class TransformersRunner:
     def tokenizer(self) -> ChatTokenizer:
         return self._tokenizer
 
+    @property
+    def grammar_unavailable(self) -> str | None:
+        return self.guides.unavailable
+
     def live_sequences(self) -> int:
         return len(self._sequences)
 

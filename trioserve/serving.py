@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import trio
 
 from trioserve.engine import Engine, TokenStream
-from trioserve.errors import ContextLengthExceeded, DeadlineExceeded, ModelNotFound, TrioserveError, Unavailable
+from trioserve.errors import (
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    TrioserveError,
+    Unavailable,
+)
 from trioserve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -175,16 +182,21 @@ class GenerationService:
             logger.warning("ignoring request fields this server does not know: %s", ", ".join(unknown))
 
     @staticmethod
-    async def _grammar(body: _SamplingFields) -> str | None:
+    async def _grammar(body: _SamplingFields, runner: Runner) -> str | None:
         """The grammar enforcing ``response_format`` (None for text). A large schema takes milliseconds to
         compile (14 ms for 42 kB here), so it is compiled in a worker thread, not on the event loop.
 
         Raises:
-            InvalidRequest: the schema is invalid or cannot be enforced.
+            InvalidRequest: the schema is invalid or cannot be enforced, or this model cannot take grammars.
         """
         response_format = body.response_format
         if response_format is None or response_format.type == "text":
             return None
+        if (reason := runner.grammar_unavailable) is not None:
+            raise InvalidRequest(
+                f"response_format {response_format.type!r} is not available for this model: {reason}",
+                param="response_format",
+            )
         return await trio.to_thread.run_sync(response_format.grammar)
 
     @staticmethod
@@ -309,7 +321,7 @@ class ChatService(GenerationService):
             max_tokens=max_tokens,
             vocab_size=runner.vocab_size,
             logprobs=body.requested_logprobs(),
-            grammar=await self._grammar(body),
+            grammar=await self._grammar(body, runner),
         )
         completion_id = request_id or chat_completion_id()
         return Prepared(

@@ -139,6 +139,11 @@ class Runner(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
 
+    @property
+    def grammar_unavailable(self) -> str | None:
+        """Why ``SamplingParams.grammar`` cannot be enforced for this model, or None when it can."""
+        ...
+
     def step(self, plan: StepPlan) -> StepOutput:
         """Runs one forward pass (plus a prefill chunk); called from a worker thread."""
         ...
