@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from tests.servers import Served, demo_app, serve_on_loopback
 from trioserve.runner import TransformersRunner
 from trioserve.tinymodel import build_model, build_tokenizer
 from trioserve.tokenization import ChatTokenizer
@@ -41,3 +43,10 @@ def live_caches() -> int:
     """DynamicCache objects alive anywhere in this process."""
     gc.collect()
     return sum(type(o) is DynamicCache for o in gc.get_objects())
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    """The demo app behind a real Hypercorn on loopback."""
+    async with serve_on_loopback(demo_app(max_concurrent=8)) as served:
+        yield served

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import openai
 import torch
 import trio
 from hypercorn.config import Config
@@ -97,3 +98,41 @@ async def serve_on_loopback(
         binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         yield Served(binds[0], app)
         nursery.cancel_scope.cancel()
+
+
+T = TypeVar("T")
+
+
+def sdk(served: Served) -> openai.OpenAI:
+    """The official SDK pointed at the server, without retries (a retry would hide the status under test)."""
+    return openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
+
+
+async def with_sdk(served: Served, use: Callable[[openai.OpenAI], T]) -> T:
+    """Runs ``use(client)`` in a worker thread (the SDK blocks), closing the client afterwards."""
+
+    def run() -> T:
+        with sdk(served) as client:
+            return use(client)
+
+    return await trio.to_thread.run_sync(run)
+
+
+async def chat(served: Served, **kwargs: Any) -> Any:
+    """``client.chat.completions.create`` (a list of chunks when streaming)."""
+
+    def create(client: openai.OpenAI) -> Any:
+        result = client.chat.completions.create(model="m", **kwargs)
+        return list(result) if kwargs.get("stream") else result
+
+    return await with_sdk(served, create)
+
+
+async def legacy(served: Served, **kwargs: Any) -> Any:
+    """``client.completions.create`` (a list of chunks when streaming)."""
+
+    def create(client: openai.OpenAI) -> Any:
+        result = client.completions.create(model="m", **kwargs)
+        return list(result) if kwargs.get("stream") else result
+
+    return await with_sdk(served, create)

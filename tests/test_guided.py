@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
 from tests.fakes import FakeRunner
+from tests.strategies import SCHEMA_KEYWORDS, schemas
 from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest
 from trioserve.guided import JSON_OBJECT_SCHEMA, GuideFactory, json_grammar
@@ -126,21 +127,6 @@ def test_a_token_the_grammar_refuses_ends_the_sequence_with_eos(
     guide.advance(letter)  # what a caller bypassing the mask would do
     assert guide.failed
     assert unpack_mask(guide.allowed(), len(hf_tokenizer)).nonzero().flatten().tolist() == [eos]
-
-
-json_leaves = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
-)
-SCHEMA_KEYWORDS = [
-    "type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs",
-    "required", "additionalProperties", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-    "exclusiveMinimum", "multipleOf", "minItems", "maxItems", "x-guidance",
-]  # fmt: skip
-schemas = st.recursive(
-    json_leaves | st.sampled_from(["string", "integer", "object", "array", "#/$defs/a", "#", "^a+$", "date-time"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(SCHEMA_KEYWORDS), inner, max_size=4),
-    max_leaves=20,
-)
 
 
 @settings(max_examples=300, deadline=None)

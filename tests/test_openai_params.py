@@ -3,14 +3,13 @@ effect, not just the status."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
 import pytest
 import trio
 
-from tests.servers import Served, demo_app, serve_on_loopback
+from tests.servers import Served, chat, legacy
 from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
 
@@ -20,40 +19,24 @@ TOKENIZER = ChatTokenizer(build_tokenizer())
 HI = [{"role": "user", "content": "hi there"}]
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with serve_on_loopback(demo_app(max_concurrent=8)) as served:
-        yield served
-
-
-def sdk(served: Served) -> openai.OpenAI:
-    return openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
-
-
-async def call(served: Served, **kwargs: Any) -> Any:
-    client = sdk(served)
-    create: Callable[..., Any] = client.chat.completions.create
-    return await trio.to_thread.run_sync(lambda: create(model="m", **kwargs))
-
-
 def text(completion: Any) -> str:
     return str(completion.choices[0].message.content)
 
 
 async def test_usage_equals_the_tokenizers_counts_and_length_finish(served: Served) -> None:
-    completion = await call(served, messages=HI, max_tokens=7, extra_body={"ignore_eos": True})
+    completion = await chat(served, messages=HI, max_tokens=7, extra_body={"ignore_eos": True})
     assert completion.usage.prompt_tokens == len(TOKENIZER.encode_chat(HI))
     assert completion.usage.completion_tokens == 7
     assert completion.choices[0].finish_reason == "length"
     assert completion.system_fingerprint
-    alias = await call(served, messages=HI, max_completion_tokens=3, extra_body={"ignore_eos": True})
+    alias = await chat(served, messages=HI, max_completion_tokens=3, extra_body={"ignore_eos": True})
     assert alias.usage.completion_tokens == 3
 
 
 async def test_logit_bias_minus_100_keeps_a_token_out(served: Served) -> None:
-    greedy = await call(served, messages=HI, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    greedy = await chat(served, messages=HI, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
     first = TOKENIZER.encode(text(greedy))[0]
-    biased = await call(
+    biased = await chat(
         served,
         messages=HI,
         max_tokens=20,
@@ -63,7 +46,7 @@ async def test_logit_bias_minus_100_keeps_a_token_out(served: Served) -> None:
     )
     assert first not in TOKENIZER.encode(text(biased))
     (letter_a,) = TOKENIZER.encode("A")
-    forced = await call(
+    forced = await chat(
         served, messages=HI, max_tokens=5, logit_bias={str(letter_a): 100}, extra_body={"ignore_eos": True}
     )
     assert text(forced) == "A" * 5
@@ -73,20 +56,20 @@ async def test_same_seed_same_text_while_others_run(served: Served) -> None:
     results: list[str] = []
 
     async def seeded() -> None:
-        completion = await call(
+        completion = await chat(
             served, messages=HI, max_tokens=24, seed=1234, temperature=1.0, extra_body={"ignore_eos": True}
         )
         results.append(text(completion))
 
     async def noise(i: int) -> None:
-        await call(served, messages=[{"role": "user", "content": f"other {i}"}], max_tokens=30, temperature=1.0)
+        await chat(served, messages=[{"role": "user", "content": f"other {i}"}], max_tokens=30, temperature=1.0)
 
     await seeded()
     async with trio.open_nursery() as nursery:
         for i in range(4):
             nursery.start_soon(noise, i)
         nursery.start_soon(seeded)
-    other_seed = await call(
+    other_seed = await chat(
         served, messages=HI, max_tokens=24, seed=99, temperature=1.0, extra_body={"ignore_eos": True}
     )
     assert results[0] == results[1]
@@ -94,19 +77,19 @@ async def test_same_seed_same_text_while_others_run(served: Served) -> None:
 
 
 async def test_stop_string_and_list(served: Served) -> None:
-    base = text(await call(served, messages=HI, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}))
+    base = text(await chat(served, messages=HI, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}))
     stop = base[8:10]
-    cut = await call(served, messages=HI, max_tokens=30, temperature=0, stop=stop, extra_body={"ignore_eos": True})
+    cut = await chat(served, messages=HI, max_tokens=30, temperature=0, stop=stop, extra_body={"ignore_eos": True})
     assert text(cut) == base[: base.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    listed = await call(
+    listed = await chat(
         served, messages=HI, max_tokens=30, temperature=0, stop=["\x00never", stop], extra_body={"ignore_eos": True}
     )
     assert text(listed) == text(cut)
 
 
 async def test_logprobs_shape(served: Served) -> None:
-    completion = await call(
+    completion = await chat(
         served, messages=HI, max_tokens=4, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True}
     )
     content = completion.choices[0].logprobs.content
@@ -123,7 +106,7 @@ async def test_content_parts_roles_and_user(served: Served) -> None:
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
     ]
-    completion = await call(served, messages=parts, max_tokens=2, user="someone")
+    completion = await chat(served, messages=parts, max_tokens=2, user="someone")
     expected = TOKENIZER.encode_chat(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     )
@@ -131,40 +114,40 @@ async def test_content_parts_roles_and_user(served: Served) -> None:
 
 
 async def test_extensions_have_their_effect(served: Served) -> None:
-    truncated = await call(served, messages=HI, max_tokens=2, extra_body={"truncate": 5})
+    truncated = await chat(served, messages=HI, max_tokens=2, extra_body={"truncate": 5})
     assert truncated.usage.prompt_tokens == 5
-    top1 = await call(
+    top1 = await chat(
         served, messages=HI, max_tokens=12, temperature=1.0, seed=5, extra_body={"top_k": 1, "ignore_eos": True}
     )
-    greedy = await call(served, messages=HI, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    greedy = await chat(served, messages=HI, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     assert text(top1) == text(greedy)  # top_k=1 is greedy whatever the temperature
-    min_p = await call(
+    min_p = await chat(
         served, messages=HI, max_tokens=12, temperature=1.0, seed=5, extra_body={"min_p": 1.0, "ignore_eos": True}
     )
     assert text(min_p) == text(greedy)
-    penalised = await call(
+    penalised = await chat(
         served, messages=HI, max_tokens=30, temperature=0, extra_body={"repetition_penalty": 5.0, "ignore_eos": True}
     )
     ids = TOKENIZER.encode(text(penalised))
     plain_ids = TOKENIZER.encode(text(greedy))
     assert len(set(ids)) >= len(set(plain_ids[:12]))
-    at_least = await call(served, messages=HI, max_tokens=40, extra_body={"min_tokens": 40})
+    at_least = await chat(served, messages=HI, max_tokens=40, extra_body={"min_tokens": 40})
     assert at_least.usage.completion_tokens == 40
 
 
 async def test_errors_reach_the_sdk_as_its_exceptions(served: Served) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
-        await call(served, messages=HI, max_tokens=5000)
+        await chat(served, messages=HI, max_tokens=5000)
     assert bad.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as stops:
-        await call(served, messages=HI, stop=["a", "b", "c", "d", "e"])
+        await chat(served, messages=HI, stop=["a", "b", "c", "d", "e"])
     assert stops.value.param == "stop"
     with pytest.raises(openai.BadRequestError):
-        await call(served, messages=HI, top_logprobs=3)  # needs logprobs=true
+        await chat(served, messages=HI, top_logprobs=3)  # needs logprobs=true
 
 
 async def test_n_choices_are_separate_sequences(served: Served) -> None:
-    completion = await call(
+    completion = await chat(
         served, messages=HI, max_tokens=6, n=3, seed=7, temperature=1.0, extra_body={"ignore_eos": True}
     )
     assert [c.index for c in completion.choices] == [0, 1, 2]
@@ -172,23 +155,18 @@ async def test_n_choices_are_separate_sequences(served: Served) -> None:
     assert all(c.finish_reason == "length" for c in completion.choices)
     assert completion.usage.completion_tokens == 18
     assert completion.usage.prompt_tokens == len(TOKENIZER.encode_chat(HI))
-    again = await call(served, messages=HI, max_tokens=6, n=3, seed=7, temperature=1.0, extra_body={"ignore_eos": True})
+    again = await chat(served, messages=HI, max_tokens=6, n=3, seed=7, temperature=1.0, extra_body={"ignore_eos": True})
     assert [text_of(c) for c in again.choices] == [text_of(c) for c in completion.choices]
 
-    def streamed() -> list[Any]:
-        return list(
-            sdk(served).chat.completions.create(
-                model="m",
-                messages=HI,
-                max_tokens=4,
-                n=2,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-        )
-
-    chunks = await trio.to_thread.run_sync(streamed)
+    chunks = await chat(
+        served,
+        messages=HI,
+        max_tokens=4,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     finishes = {
         c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     }
@@ -198,11 +176,6 @@ async def test_n_choices_are_separate_sequences(served: Served) -> None:
 
 def text_of(choice: Any) -> str:
     return str(choice.message.content)
-
-
-async def legacy(served: Served, **kwargs: Any) -> Any:
-    client = sdk(served)
-    return await trio.to_thread.run_sync(lambda: client.completions.create(model="m", **kwargs))
 
 
 async def test_legacy_completions_prompt_forms(served: Served) -> None:
@@ -234,19 +207,14 @@ async def test_legacy_completions_logprobs_stream_and_errors(served: Served) -> 
     assert all(len(top) <= 2 for top in lp.top_logprobs)
     assert lp.text_offset == sorted(lp.text_offset)
 
-    def streamed() -> list[Any]:
-        return list(
-            sdk(served).completions.create(
-                model="m",
-                prompt="stream",
-                max_tokens=5,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-        )
-
-    chunks = await trio.to_thread.run_sync(streamed)
+    chunks = await legacy(
+        served,
+        prompt="stream",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 5
     for bad, param in (({"suffix": "tail"}, None), ({"prompt": [10**6]}, "prompt"), ({"max_tokens": 10**6}, "prompt")):

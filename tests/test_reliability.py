@@ -18,6 +18,7 @@ from bench.soak import rss_bytes, run_soak, settled
 from tests.conftest import live_caches
 from tests.h2client import H2Client
 from tests.servers import demo_app, serve_on_loopback
+from tests.strategies import json_values, schemas
 from trioserve.app import TrioserveApp
 
 CHAT = "/v1/chat/completions"
@@ -111,11 +112,6 @@ FIELDS = [
     "truncate",
     "user",
 ]
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-)
 messages = st.lists(
     st.fixed_dictionaries(
         {
@@ -124,17 +120,6 @@ messages = st.lists(
         }
     ),
     max_size=3,
-)
-# JSON Schema keywords with values of any shape: the grammar compiler must refuse or accept, never crash.
-SCHEMA_KEYWORDS = [
-    "type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs",
-    "required", "additionalProperties", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-    "exclusiveMinimum", "multipleOf", "minItems", "maxItems", "x-guidance",
-]  # fmt: skip
-schemas = st.recursive(
-    json_values | st.sampled_from(["string", "integer", "object", "array", "#/$defs/a", "#", "^a+$", "date-time"]),
-    lambda inner: st.dictionaries(st.sampled_from(SCHEMA_KEYWORDS), inner, max_size=4),
-    max_leaves=16,
 )
 response_formats = st.one_of(
     json_values,

@@ -4,7 +4,6 @@ are enforced while sampling, so even a random-weight model's output parses and m
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import openai
@@ -12,7 +11,7 @@ import pydantic
 import pytest
 import trio
 
-from tests.servers import Served, demo_app, serve_on_loopback
+from tests.servers import Served, chat, legacy, with_sdk
 from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
 
@@ -46,32 +45,14 @@ def check_answer(value: Any) -> None:
     assert type(value["ok"]) is bool
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    async with serve_on_loopback(demo_app(max_concurrent=8)) as served:
-        yield served
-
-
-def sdk(served: Served) -> openai.OpenAI:
-    return openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
-
-
-async def call(served: Served, **kwargs: Any) -> Any:
-    def create() -> Any:
-        with sdk(served) as client:
-            return client.chat.completions.create(model="m", **kwargs)
-
-    return await trio.to_thread.run_sync(create)
-
-
 async def test_json_object_mode_constrains_the_first_token(served: Served) -> None:
     # A bias of +100 on "}" makes the model emit it whenever it may: unconstrained, that is at once and
     # forever; in JSON mode the grammar forces "{" first, and "}" then closes an empty object.
     (brace,) = TOKENIZER.encode("}")
     bias = {str(brace): 100}
-    free = await call(served, messages=ASK, max_tokens=4, logit_bias=bias, extra_body={"ignore_eos": True})
+    free = await chat(served, messages=ASK, max_tokens=4, logit_bias=bias, extra_body={"ignore_eos": True})
     assert free.choices[0].message.content == "}}}}"
-    constrained = await call(
+    constrained = await chat(
         served, messages=ASK, max_tokens=50, logit_bias=bias, response_format={"type": "json_object"}
     )
     assert json.loads(constrained.choices[0].message.content) == {}
@@ -79,7 +60,7 @@ async def test_json_object_mode_constrains_the_first_token(served: Served) -> No
 
 
 async def test_json_object_mode_output_parses(served: Served) -> None:
-    completion = await call(served, messages=ASK, n=6, seed=11, response_format={"type": "json_object"})
+    completion = await chat(served, messages=ASK, n=6, seed=11, response_format={"type": "json_object"})
     parsed = 0
     for choice in completion.choices:
         content = choice.message.content
@@ -92,7 +73,7 @@ async def test_json_object_mode_output_parses(served: Served) -> None:
 
 
 async def test_json_schema_output_matches_the_schema(served: Served) -> None:
-    completion = await call(served, messages=ASK, n=8, seed=5, temperature=1.0, response_format=JSON_SCHEMA_FORMAT)
+    completion = await chat(served, messages=ASK, n=8, seed=5, temperature=1.0, response_format=JSON_SCHEMA_FORMAT)
     assert len(completion.choices) == 8
     outputs = set()
     for choice in completion.choices:
@@ -107,24 +88,14 @@ async def test_json_schema_output_matches_the_schema(served: Served) -> None:
 
 async def test_json_schema_while_streaming_and_beside_free_requests(served: Served) -> None:
     async def free() -> None:
-        completion = await call(served, messages=ASK, max_tokens=30, extra_body={"ignore_eos": True})
+        completion = await chat(served, messages=ASK, max_tokens=30, extra_body={"ignore_eos": True})
         assert completion.usage.completion_tokens == 30
-
-    def streamed() -> str:
-        parts = []
-        with sdk(served) as client:
-            stream = client.chat.completions.create(
-                model="m", messages=ASK, seed=3, stream=True, response_format=JSON_SCHEMA_FORMAT
-            )
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-        return "".join(parts)
 
     result: list[str] = []
 
     async def constrained() -> None:
-        result.append(await trio.to_thread.run_sync(streamed))
+        chunks = await chat(served, messages=ASK, seed=3, stream=True, response_format=JSON_SCHEMA_FORMAT)
+        result.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
 
     async with trio.open_nursery() as nursery:  # batched together with unconstrained sequences
         for _ in range(3):
@@ -134,24 +105,15 @@ async def test_json_schema_while_streaming_and_beside_free_requests(served: Serv
 
 
 async def test_max_tokens_cuts_json_with_length(served: Served) -> None:
-    completion = await call(served, messages=ASK, max_tokens=3, seed=1, response_format=JSON_SCHEMA_FORMAT)
+    completion = await chat(served, messages=ASK, max_tokens=3, seed=1, response_format=JSON_SCHEMA_FORMAT)
     assert completion.choices[0].finish_reason == "length"
     assert completion.choices[0].message.content.startswith("{")
 
 
 async def test_legacy_completions_take_response_format_too(served: Served) -> None:
-    def create() -> Any:
-        with sdk(served) as client:
-            return client.completions.create(
-                model="m",
-                prompt="JSON:",
-                max_tokens=500,
-                n=3,
-                seed=4,
-                extra_body={"response_format": JSON_SCHEMA_FORMAT},
-            )
-
-    completion = await trio.to_thread.run_sync(create)
+    completion = await legacy(
+        served, prompt="JSON:", max_tokens=500, n=3, seed=4, extra_body={"response_format": JSON_SCHEMA_FORMAT}
+    )
     for choice in completion.choices:
         assert choice.finish_reason == "stop"
         check_answer(json.loads(choice.text))
@@ -166,11 +128,9 @@ class Answer(pydantic.BaseModel):
 
 async def test_sdk_parse_helper_with_a_pydantic_model(served: Served) -> None:
     # `client.chat.completions.parse` sends the model's strict JSON schema and validates the reply with it.
-    def parse() -> Any:
-        with sdk(served) as client:
-            return client.chat.completions.parse(model="m", messages=ASK, seed=2, response_format=Answer)  # type: ignore[arg-type]
-
-    completion = await trio.to_thread.run_sync(parse)
+    completion = await with_sdk(
+        served, lambda client: client.chat.completions.parse(model="m", messages=ASK, seed=2, response_format=Answer)
+    )
     answer = completion.choices[0].message.parsed
     assert isinstance(answer, Answer)
     check_answer(answer.model_dump())
@@ -203,12 +163,12 @@ async def test_bad_response_formats_are_400_naming_the_field(
     served: Served, response_format: dict[str, Any], extra: dict[str, Any], param: str | None
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        await call(served, messages=ASK, response_format=response_format, extra_body=extra)
+        await chat(served, messages=ASK, response_format=response_format, extra_body=extra)
     error = caught.value.body
     assert isinstance(error, dict) and error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
     assert "response_format" in error["message"] or "ignore_eos" in error["message"]
     # The server is unharmed: the next request is served.
-    completion = await call(served, messages=ASK, max_tokens=2, response_format={"type": "text"})
+    completion = await chat(served, messages=ASK, max_tokens=2, response_format={"type": "text"})
     assert completion.choices[0].message.content is not None
