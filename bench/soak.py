@@ -1,9 +1,11 @@
 """`just soak`: thousands of mixed requests at concurrency 16, then checks that nothing leaked.
 
 The mix: completions streamed and not, streams aborted at random points, requests whose deadline passes
-mid-generation, and bad inputs. Every outcome is checked against what that kind must get; afterwards the
-server must report no running or waiting requests, no live sequences, no KV tokens, and its resident
-memory must not have grown past a bound.
+mid-generation, and bad inputs; a third of the good ones ask for JSON (``response_format``, with schemas
+that vary, so the server's cache of grammars turns over), and a JSON answer that finished must parse.
+Every outcome is checked against what that kind must get; afterwards the server must report no running or
+waiting requests, no live sequences, no KV tokens, and its resident memory must not have grown past a
+bound.
 """
 
 from __future__ import annotations
@@ -29,13 +31,27 @@ BAD_BODIES: list[Any] = [
     {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
     [1, 2, 3],
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+    {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nonsense"}}},
+    },
 ]
+
+
+def _response_format(rng: random.Random) -> dict[str, Any]:
+    if rng.random() < 0.5:
+        return {"type": "json_object"}
+    key = f"k{rng.randrange(100)}"  # 100 different schemas: more than the server keeps compiled
+    schema = {"type": "object", "properties": {key: {"type": "integer"}}, "required": [key]}
+    return {"type": "json_schema", "json_schema": {"name": "soak", "schema": schema}}
 
 
 @dataclass
 class SoakReport:
-    outcomes: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)  # one per request
     unexpected: list[str] = field(default_factory=list)
+    json_parsed: int = 0  # JSON-mode answers that finished by themselves and parsed
 
     @property
     def ok(self) -> bool:
@@ -51,6 +67,9 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Rando
     if kind == "deadline":
         body |= {"max_tokens": 1500, "ignore_eos": True}
         headers["X-Request-Timeout"] = str(rng.choice([0.01, 0.05, 0.1]))
+    as_json = kind != "bad" and rng.random() < 1 / 3
+    if as_json:
+        body |= {"response_format": _response_format(rng), "ignore_eos": False}
     stream = kind in ("stream", "abort") or (kind == "deadline" and rng.random() < 0.5)
     if isinstance(body, dict):
         body["stream"] = stream
@@ -69,6 +88,8 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Rando
             if status != expected and not (kind == "deadline" and status == 200):
                 report.unexpected.append(f"{kind} got {status}: {payload}")
             report.outcomes[f"{kind}-{status}"] += 1
+            if as_json and status == 200:
+                _check_json(payload, report)
             return
         if status != 200:
             report.unexpected.append(f"{kind} stream got {status}")
@@ -91,6 +112,19 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Rando
             report.outcomes[f"{kind}-done"] += 1
         else:
             report.unexpected.append(f"{kind} stream ended with {last[:120]!r}")
+
+
+def _check_json(payload: dict[str, Any], report: SoakReport) -> None:
+    """A JSON-mode answer that ended by itself (not cut by max_tokens) must parse."""
+    choice = payload["choices"][0]
+    if choice["finish_reason"] != "stop":
+        return
+    try:
+        json.loads(choice["message"]["content"])
+    except ValueError:
+        report.unexpected.append(f"JSON-mode answer does not parse: {choice['message']['content'][:120]!r}")
+    else:
+        report.json_parsed += 1
 
 
 async def run_soak(url: str, total: int, concurrency: int = 16, seed: int = 0) -> SoakReport:
@@ -174,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dumps(
             {
                 "outcomes": report.outcomes,
+                "json_answers_parsed": report.json_parsed,
                 "unexpected": report.unexpected[:20],
                 "health": health,
                 "rss_growth_mb": round(growth, 1),

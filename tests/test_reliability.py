@@ -262,6 +262,7 @@ async def test_short_soak_loses_nothing() -> None:
         growth_mb = (rss_bytes() - before) / 2**20
     assert report.ok, report.unexpected[:5]
     assert sum(report.outcomes.values()) == 300
+    assert report.json_parsed > 0  # JSON-mode requests were in the mix, and those that finished parsed
     assert health["status"] == "ok"
     assert live_caches() == 0
     assert growth_mb < 200, growth_mb
