@@ -58,7 +58,9 @@ class SoakReport:
         return not self.unexpected
 
 
-async def _one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random, report: SoakReport) -> None:
+async def _one(
+    client: httpx.AsyncClient, url: str, kind: str, rng: random.Random, report: SoakReport, json_share: float
+) -> None:
     messages = [{"role": "user", "content": f"soak {rng.random()}"}]
     body: Any = {"messages": messages, "max_tokens": rng.randint(1, 40), "ignore_eos": rng.random() < 0.5}
     headers: dict[str, str] = {}
@@ -67,7 +69,7 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Rando
     if kind == "deadline":
         body |= {"max_tokens": 1500, "ignore_eos": True}
         headers["X-Request-Timeout"] = str(rng.choice([0.01, 0.05, 0.1]))
-    as_json = kind != "bad" and rng.random() < 1 / 3
+    as_json = kind != "bad" and rng.random() < json_share
     if as_json:
         body |= {"response_format": _response_format(rng), "ignore_eos": False}
     stream = kind in ("stream", "abort") or (kind == "deadline" and rng.random() < 0.5)
@@ -127,7 +129,7 @@ def _check_json(payload: dict[str, Any], report: SoakReport) -> None:
         report.json_parsed += 1
 
 
-async def run_soak(url: str, total: int, concurrency: int = 16, seed: int = 0) -> SoakReport:
+async def run_soak(url: str, total: int, concurrency: int = 16, seed: int = 0, json_share: float = 1 / 3) -> SoakReport:
     """Sends ``total`` requests, ``concurrency`` at a time, and classifies every outcome."""
     rng = random.Random(seed)
     report = SoakReport()
@@ -138,7 +140,7 @@ async def run_soak(url: str, total: int, concurrency: int = 16, seed: int = 0) -
         async def worker() -> None:
             for kind in kinds:
                 try:
-                    await _one(client, url, kind, rng, report)
+                    await _one(client, url, kind, rng, report, json_share)
                 except httpx.HTTPError as exc:
                     report.unexpected.append(f"{kind}: {exc!r}")
 
