@@ -10,6 +10,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from tests.servers import demo_app
+from trioserve.serving import MAX_REPORTED_UNKNOWN
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -166,3 +167,18 @@ async def test_unknown_fields_are_accepted_and_logged_once(client: Client, caplo
         assert status == 200
     logged = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert logged == ["ignoring request fields this server does not know: frobnicate, tools_x"]
+
+
+async def test_unknown_field_names_are_remembered_up_to_a_bound(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Field names are the client's to choose: the names already logged (kept to log each once) must not
+    # grow without end. Past the bound, new names are still accepted, just no longer logged or kept.
+    for batch in range(3):
+        names = {f"field_{batch}_{i}": 1 for i in range(MAX_REPORTED_UNKNOWN // 2)}
+        status, _ = await post(client, {"messages": MESSAGES, "max_tokens": 1, **names})
+        assert status == 200
+    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.serving"]
+    logged = [name for m in messages if "does not know" in m for name in m.split(": ", 1)[1].split(", ")]
+    assert len(logged) == len(set(logged)) == MAX_REPORTED_UNKNOWN
+    assert sum("further ones are not logged" in m for m in messages) == 1

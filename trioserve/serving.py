@@ -46,6 +46,7 @@ from trioserve.tokenization import StopMatcher
 from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
 
 logger = logging.getLogger(__name__)
+MAX_REPORTED_UNKNOWN = 256  # distinct unknown request field names logged (once each) per process
 
 SYSTEM_FINGERPRINT = "trioserve-0.1"
 
@@ -175,11 +176,16 @@ class GenerationService:
         """
         if self.strict_model_name and model not in (None, runner.model_id):
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        if len(self._reported_unknown) >= MAX_REPORTED_UNKNOWN:
+            return  # names are client-chosen: remembering every one would let clients grow memory forever
         unknown = [name for name in body.unknown_fields() if name not in self._reported_unknown]
         if unknown:
             # Once per field name: clients that always send an extra field should not flood the log.
+            unknown = unknown[: MAX_REPORTED_UNKNOWN - len(self._reported_unknown)]
             self._reported_unknown.update(unknown)
             logger.warning("ignoring request fields this server does not know: %s", ", ".join(unknown))
+            if len(self._reported_unknown) >= MAX_REPORTED_UNKNOWN:
+                logger.warning("%d unknown field names reported; further ones are not logged", MAX_REPORTED_UNKNOWN)
 
     @staticmethod
     async def _grammar(body: _SamplingFields, runner: Runner) -> str | None:
