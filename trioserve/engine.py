@@ -19,13 +19,15 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 
 from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
 from trioserve.scheduler import Entry, Phase, QueueFull, Scheduler
+from trioserve.streams import RequestRecord, SequenceState, TokenStream
 from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToken, StepOutput, StepPlan, TokenEvent
+
+__all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,109 +43,6 @@ async def run_in_thread(
     Not cancellable once started (a forward pass cannot be interrupted); the engine accounts for that.
     """
     return await trio.to_thread.run_sync(step, plan, limiter=limiter)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What the engine remembers of a finished request (a bounded history, and the metrics observer).
-
-    Times are ``trio.current_time()`` values; ``started`` is None if it never reached a forward pass.
-    """
-
-    request_id: str
-    forward_passes: int
-    prompt_tokens: int
-    generated: int
-    outcome: str  # a FinishReason value; "error"; or "closed": the request left before the sequence ended
-    submitted: float
-    started: float | None
-    left: float  # when it left the engine (finished, failed, or closed)
-    released: float  # when the runner dropped its KV (== left unless a step was in flight)
-
-    @property
-    def queue_seconds(self) -> float:
-        return (self.started if self.started is not None else self.left) - self.submitted
-
-    @property
-    def release_seconds(self) -> float:
-        """From leaving to the KV being gone: at most the rest of the step in flight."""
-        return self.released - self.left
-
-
-@dataclass(eq=False)
-class _Sequence:
-    seq_id: int
-    request: GenerationRequest
-    send: trio.MemorySendChannel[TokenEvent | TrioserveError]
-    submitted: float = 0.0
-    started: float | None = None
-    left: float = 0.0
-    generated: int = 0
-    forward_passes: int = 0
-    outcome: str | None = None  # set once the sequence has left the engine
-    release_pending: bool = False  # left during a step; the runner forgets it when that step returns
-
-
-class TokenStream:
-    """A request's handle on its sequence: async-iterate it for `TokenEvent`s; close it to release.
-
-    Closing is synchronous and idempotent, and it is the whole of cancellation: the sequence leaves the
-    queue or the batch, its KV is dropped (after the step in flight, if any), its slot goes to the next
-    waiter. Use it as a context manager so every exit path closes it.
-
-    Raises from iteration:
-        GenerationFailed: the forward pass carrying this sequence failed.
-    """
-
-    def __init__(
-        self,
-        sequence: _Sequence,
-        receive: trio.MemoryReceiveChannel[TokenEvent | TrioserveError],
-        engine: Engine,
-    ) -> None:
-        self._sequence = sequence
-        self._receive = receive
-        self._engine = engine
-
-    @property
-    def request_id(self) -> str:
-        return self._sequence.request.request_id
-
-    @property
-    def finished(self) -> bool:
-        return self._sequence.outcome is not None
-
-    def close(self) -> bool:
-        """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then
-        ends (without a finish reason, if the sequence had not finished).
-
-        If a step carrying the sequence is running, its KV is dropped the moment that step returns; use
-        ``async with`` (or `aclose`) to also wait for that.
-        """
-        return self._engine._leave(self._sequence, "closed")
-
-    async def aclose(self) -> None:
-        """`close`, then wait until the KV is actually gone (at most the rest of one step; shielded)."""
-        self.close()
-        await self._engine._wait_released(self._sequence)
-
-    async def __aenter__(self) -> TokenStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> TokenStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        try:
-            item = await self._receive.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-        if isinstance(item, TrioserveError):
-            raise item
-        return item
 
 
 class Engine:
@@ -190,11 +89,11 @@ class Engine:
         self._loaded = trio.Event()
         self._loading = False
         self._scheduler: Scheduler | None = None
-        self._sequences: dict[int, _Sequence] = {}
+        self._sequences: dict[int, SequenceState] = {}
         self._ids = itertools.count()
         self._wakeup = trio.Event()
         self._step_in_flight: StepPlan | None = None
-        self._deferred_releases: list[_Sequence] = []
+        self._deferred_releases: list[SequenceState] = []
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.history: deque[RequestRecord] = deque(maxlen=history)
@@ -299,7 +198,7 @@ class Engine:
                 f"{self._scheduler.max_waiting} queued); retry later",
             ) from None
         send, receive = trio.open_memory_channel[TokenEvent | TrioserveError](math.inf)
-        sequence = _Sequence(seq_id, request, send, submitted=trio.current_time())
+        sequence = SequenceState(seq_id, request, send, submitted=trio.current_time())
         self._sequences[seq_id] = sequence
         self._wakeup.set()
         return TokenStream(sequence, receive, self)
@@ -311,7 +210,7 @@ class Engine:
         async with self.submit(request) as stream:
             yield stream
 
-    def _leave(self, sequence: _Sequence, outcome: str) -> bool:
+    def leave(self, sequence: SequenceState, outcome: str) -> bool:
         """The one way out of the engine for a sequence; False if it had already left. Synchronous, so it
         runs to completion even inside a cancelled scope."""
         if sequence.outcome is not None:
@@ -329,7 +228,7 @@ class Engine:
         self._wakeup.set()  # a slot or a queue place is free
         return True
 
-    def _record(self, sequence: _Sequence) -> None:
+    def _record(self, sequence: SequenceState) -> None:
         assert sequence.outcome is not None
         record = RequestRecord(
             request_id=sequence.request.request_id,
@@ -351,7 +250,7 @@ class Engine:
         in_flight = self._step_in_flight is not None and entry.seq_id in self._step_in_flight.seq_ids()
         return entry.phase is Phase.DECODING or entry.prefilled > 0 or in_flight
 
-    def _release(self, sequence: _Sequence) -> None:
+    def _release(self, sequence: SequenceState) -> None:
         if self._step_in_flight is not None:
             # The runner belongs to the step's thread until it returns; the step loop applies this then.
             sequence.release_pending = True
@@ -361,7 +260,7 @@ class Engine:
             self.runner.release(sequence.seq_id)
             self._record(sequence)
 
-    async def _wait_released(self, sequence: _Sequence) -> None:
+    async def wait_released(self, sequence: SequenceState) -> None:
         with trio.CancelScope(shield=True):
             while sequence.release_pending:
                 await self._step_done.wait()
@@ -412,7 +311,7 @@ class Engine:
             sequence = self._sequences.get(seq_id)
             if sequence is not None:
                 sequence.send.send_nowait(error)
-                self._leave(sequence, "error")
+                self.leave(sequence, "error")
 
     def _deliver(self, plan: StepPlan, output: StepOutput, runner: Runner) -> None:
         assert self._scheduler is not None
@@ -426,10 +325,10 @@ class Engine:
             finish = self._finish_reason(sequence, token, runner)
             sequence.send.send_nowait(TokenEvent(token, finish))
             if finish is not None:
-                self._leave(sequence, finish.value)
+                self.leave(sequence, finish.value)
 
     @staticmethod
-    def _finish_reason(sequence: _Sequence, token: SampledToken, runner: Runner) -> FinishReason | None:
+    def _finish_reason(sequence: SequenceState, token: SampledToken, runner: Runner) -> FinishReason | None:
         params = sequence.request.params
         if token.token_id in runner.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP

@@ -1,0 +1,131 @@
+"""What a request holds while it generates: its `TokenStream`, the engine's state for its sequence, and the
+`RequestRecord` kept once it has finished. The engine (`trioserve.engine`) owns every sequence; a stream
+only asks its owner to let go of one (`StreamOwner`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from trioserve.errors import TrioserveError
+from trioserve.types import GenerationRequest, TokenEvent
+
+
+class StreamOwner(Protocol):
+    """What a `TokenStream` needs of the engine that owns its sequence."""
+
+    def leave(self, sequence: SequenceState, outcome: str) -> bool:
+        """Takes the sequence out (synchronously); True if it was still live."""
+        ...
+
+    async def wait_released(self, sequence: SequenceState) -> None:
+        """Returns once the runner has dropped the sequence's KV (at most the rest of one step)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What the engine remembers of a finished request (a bounded history, and the metrics observer).
+
+    Times are ``trio.current_time()`` values; ``started`` is None if it never reached a forward pass.
+    """
+
+    request_id: str
+    forward_passes: int
+    prompt_tokens: int
+    generated: int
+    outcome: str  # a FinishReason value; "error"; or "closed": the request left before the sequence ended
+    submitted: float
+    started: float | None
+    left: float  # when it left the engine (finished, failed, or closed)
+    released: float  # when the runner dropped its KV (== left unless a step was in flight)
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started if self.started is not None else self.left) - self.submitted
+
+    @property
+    def release_seconds(self) -> float:
+        """From leaving to the KV being gone: at most the rest of the step in flight."""
+        return self.released - self.left
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """The engine's bookkeeping for one sequence (one choice of one request)."""
+
+    seq_id: int
+    request: GenerationRequest
+    send: trio.MemorySendChannel[TokenEvent | TrioserveError]
+    submitted: float = 0.0
+    started: float | None = None
+    left: float = 0.0
+    generated: int = 0
+    forward_passes: int = 0
+    outcome: str | None = None  # set once the sequence has left the engine
+    release_pending: bool = False  # left during a step; the runner forgets it when that step returns
+
+
+class TokenStream:
+    """A request's handle on its sequence: async-iterate it for `TokenEvent`s; close it to release.
+
+    Closing is synchronous and idempotent, and it is the whole of cancellation: the sequence leaves the
+    queue or the batch, its KV is dropped (after the step in flight, if any), its slot goes to the next
+    waiter. Use it as a context manager so every exit path closes it.
+
+    Raises from iteration:
+        GenerationFailed: the forward pass carrying this sequence failed.
+    """
+
+    def __init__(
+        self,
+        sequence: SequenceState,
+        receive: trio.MemoryReceiveChannel[TokenEvent | TrioserveError],
+        owner: StreamOwner,
+    ) -> None:
+        self._sequence = sequence
+        self._receive = receive
+        self._owner = owner
+
+    @property
+    def request_id(self) -> str:
+        return self._sequence.request.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self._sequence.outcome is not None
+
+    def close(self) -> bool:
+        """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then
+        ends (without a finish reason, if the sequence had not finished).
+
+        If a step carrying the sequence is running, its KV is dropped the moment that step returns; use
+        ``async with`` (or `aclose`) to also wait for that.
+        """
+        return self._owner.leave(self._sequence, "closed")
+
+    async def aclose(self) -> None:
+        """`close`, then wait until the KV is actually gone (at most the rest of one step; shielded)."""
+        self.close()
+        await self._owner.wait_released(self._sequence)
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(item, TrioserveError):
+            raise item
+        return item
