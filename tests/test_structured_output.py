@@ -156,18 +156,17 @@ async def test_sdk_parse_helper_with_a_pydantic_model(served: Served) -> None:
             {},
             "response_format.json_schema.schema",
         ),
-        ({"type": "json_object"}, {"ignore_eos": True}, None),
+        ({"type": "json_object"}, {"ignore_eos": True}, "ignore_eos"),
     ],
 )
 async def test_bad_response_formats_are_400_naming_the_field(
-    served: Served, response_format: dict[str, Any], extra: dict[str, Any], param: str | None
+    served: Served, response_format: dict[str, Any], extra: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await chat(served, messages=ASK, response_format=response_format, extra_body=extra)
     error = caught.value.body
     assert isinstance(error, dict) and error["type"] == "invalid_request_error"
-    if param is not None:
-        assert error["param"] == param
+    assert error["param"] == param
     assert "response_format" in error["message"] or "ignore_eos" in error["message"]
     # The server is unharmed: the next request is served.
     completion = await chat(served, messages=ASK, max_tokens=2, response_format={"type": "text"})

@@ -6,14 +6,25 @@ clients and agent frameworks send extras) and reported through `unknown_fields` 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from trioserve.errors import InvalidRequest
 from trioserve.guided import JSON_OBJECT_SCHEMA, json_grammar
+from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, call_grammar, forced_tools
 from trioserve.types import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -45,6 +56,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -53,10 +66,29 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         # Most chat templates know no "developer" role; OpenAI treats it as the newer name of "system".
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [_call_for_template(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """Chat templates expect a call's arguments as a mapping; OpenAI sends them as JSON text."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            arguments = json.loads(function["arguments"])
+        except ValueError:
+            return call
+        return call | {"function": function | {"arguments": arguments}}
+    return call
 
 
 class StreamOptions(BaseModel):
@@ -141,7 +173,7 @@ class _SamplingFields(BaseModel):
     def _check_format_and_eos(self) -> _SamplingFields:
         # The grammar ends the output with EOS once the value is complete; ignoring EOS would run past it.
         if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
+            raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format", param="ignore_eos")
         return self
 
     @field_validator("logit_bias")
@@ -159,6 +191,13 @@ class _SamplingFields(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def grammar_source(self) -> Callable[[], str] | None:
+        """What compiles the grammar the output must follow (None: free text). Compiling raises
+        `InvalidRequest` for a schema that cannot be enforced."""
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        return self.response_format.grammar  # type: ignore[return-value]  # not None for the JSON types
 
     def to_sampling_params(
         self,
@@ -207,15 +246,48 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    tool_choice: Any = None  # `tools` themselves are accepted as an unknown field (logged once)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced call is always one call
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, value: Any) -> Any:
-        # "auto" and "none" may be honoured by answering in text; forcing a call may not.
-        if value not in (None, "auto", "none"):
-            raise ValueError("this server does not call tools; only 'auto' and 'none' are accepted")
-        return value
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        # InvalidRequest rather than ValueError: pydantic would report these at the body, not the field.
+        choice = self.tool_choice
+        if choice == "required" and not self.tools:
+            raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and not self.forced_tools():
+            raise InvalidRequest(
+                f"tool_choice names function {choice.function.name!r}, which is not among the tools",
+                param="tool_choice",
+            )
+        if self.forced_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                "a forced tool_choice cannot be combined with a JSON response_format", param="response_format"
+            )
+        if self.forced_tools() and self.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with a forced tool_choice", param="ignore_eos")
+        return self
+
+    def forced_tools(self) -> list[Tool]:
+        """The tools one of which the answer must call (``tool_choice`` required or named), else empty."""
+        return forced_tools(self.tools, self.tool_choice)
+
+    @property
+    def named_tool(self) -> bool:
+        return isinstance(self.tool_choice, NamedToolChoice)
+
+    def grammar_source(self) -> Callable[[], str] | None:
+        forced = self.forced_tools()
+        if forced:
+            return lambda: call_grammar(forced)
+        return super().grammar_source()
+
+    def tools_for_template(self) -> list[dict[str, Any]] | None:
+        """The tools to show the model: only when a call is forced (with ``auto`` the answer is text, and a
+        model told about tools would write calls in its own format, which would reach the client as text)."""
+        forced = self.forced_tools()
+        return [tool.for_template() for tool in forced] if forced else None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -285,16 +357,28 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
-class AssistantMessage(BaseModel):
+class _OmitsAbsentToolCalls(BaseModel):
+    """``tool_calls`` appears only when there are calls, as in OpenAI's responses."""
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class AssistantMessage(_OmitsAbsentToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(BaseModel):
@@ -307,16 +391,17 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class Delta(BaseModel):
+class Delta(_OmitsAbsentToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

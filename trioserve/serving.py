@@ -43,6 +43,7 @@ from trioserve.protocol import (
     now,
 )
 from trioserve.tokenization import StopMatcher
+from trioserve.toolcalls import FunctionCallDelta, ToolCallDelta, parse_call
 from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -189,21 +190,22 @@ class GenerationService:
 
     @staticmethod
     async def _grammar(body: _SamplingFields, runner: Runner) -> str | None:
-        """The grammar enforcing ``response_format`` (None for text). A large schema takes milliseconds to
-        compile (14 ms for 42 kB here), so it is compiled in a worker thread, not on the event loop.
+        """The grammar enforcing ``response_format`` or a forced tool call (None for free text). A large schema
+        takes milliseconds to compile (14 ms for 42 kB here), so it is compiled in a worker thread, not on
+        the event loop.
 
         Raises:
             InvalidRequest: the schema is invalid or cannot be enforced, or this model cannot take grammars.
         """
-        response_format = body.response_format
-        if response_format is None or response_format.type == "text":
+        source = body.grammar_source()
+        if source is None:
             return None
         if (reason := runner.grammar_unavailable) is not None:
             raise InvalidRequest(
-                f"response_format {response_format.type!r} is not available for this model: {reason}",
+                f"JSON response_format and forced tool calls are not available for this model: {reason}",
                 param="response_format",
             )
-        return await trio.to_thread.run_sync(response_format.grammar)
+        return await trio.to_thread.run_sync(source)
 
     @staticmethod
     def _choices(
@@ -319,7 +321,9 @@ class ChatService(GenerationService):
         arrived = trio.current_time()
         runner = await self.engine.ensure_loaded()
         self._check(body, body.model, runner)
-        prompt_ids = runner.tokenizer.encode_chat([m.for_template() for m in body.messages])
+        prompt_ids = runner.tokenizer.encode_chat(
+            [m.for_template() for m in body.messages], tools=body.tools_for_template()
+        )
         if body.truncate is not None:
             prompt_ids = prompt_ids[-body.truncate :]
         max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
@@ -343,15 +347,11 @@ class ChatService(GenerationService):
 
     async def complete(self, prepared: Prepared, streams: Sequence[TokenStream]) -> ChatCompletion:
         """Collects a whole completion (one choice per stream); every stream is closed when it returns."""
-        choices = [
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=choice.text),
-                logprobs=ChoiceLogprobs(content=choice.logprobs) if prepared.logprobs else None,
-                finish_reason=choice.finish.value if choice.finish is not None else None,
-            )
-            for index, choice in enumerate(await self._collect(prepared, streams))
-        ]
+        choices = []
+        for index, choice in enumerate(await self._collect(prepared, streams)):
+            message, finish = _answer(prepared, choice.text, choice.finish)
+            logprobs = ChoiceLogprobs(content=choice.logprobs) if prepared.logprobs else None
+            choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish))
         return ChatCompletion(
             id=prepared.completion_id,
             created=prepared.created,
@@ -367,18 +367,19 @@ class ChatService(GenerationService):
         """Yields the chunks of a streamed completion, or one error (after which the stream ends).
 
         Per choice: a first chunk with the role, content deltas, a chunk with its finish reason; then one
-        usage chunk if asked for. Streams are closed as their choices finish, and all of them when the
-        generator is closed.
+        usage chunk if asked for. A forced tool call is held back until its choice finishes, then sent as one
+        ``tool_calls`` delta (it is only a call once it is complete). Streams are closed as their choices
+        finish, and all of them when the generator is closed.
         """
 
         def chunk(
-            index: int, delta: Delta, finish: FinishReason | None = None, logprobs: Sequence[TokenLogprob] = ()
+            index: int, delta: Delta, finish: str | None = None, logprobs: Sequence[TokenLogprob] = ()
         ) -> ChatCompletionChunk:
             choice = ChunkChoice(
                 index=index,
                 delta=delta,
                 logprobs=ChoiceLogprobs(content=list(logprobs)) if prepared.logprobs and logprobs else None,
-                finish_reason=finish.value if finish is not None else None,
+                finish_reason=finish,
             )
             return ChatCompletionChunk(
                 id=prepared.completion_id,
@@ -388,6 +389,7 @@ class ChatService(GenerationService):
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
+        held = [Collected() for _ in streams] if _forced_call(prepared) else None
         finished: list[str] = []
         async with AsyncExitStack() as owned:
             for stream in streams:
@@ -397,11 +399,19 @@ class ChatService(GenerationService):
             try:
                 async with aclosing(self._pieces(prepared, streams)) as pieces:
                     async for index, piece in pieces:
-                        if piece.text or piece.logprobs:
+                        if held is not None:
+                            held[index].parts.append(piece.text)
+                            held[index].logprobs.extend(piece.logprobs)
+                        elif piece.text or piece.logprobs:
                             yield chunk(index, Delta(content=piece.text), logprobs=piece.logprobs)
-                        if piece.finish_reason is not None:
-                            finished.append(piece.finish_reason.value)
-                            yield chunk(index, Delta(), piece.finish_reason)
+                        if piece.finish_reason is None:
+                            continue
+                        finish: str | None = piece.finish_reason.value
+                        if held is not None:
+                            message, finish = _answer(prepared, held[index].text, piece.finish_reason)
+                            yield chunk(index, _delta_of(message), logprobs=held[index].logprobs)
+                        finished.append(finish or "")
+                        yield chunk(index, Delta(), finish)
             except TrioserveError as error:
                 yield error
                 return
@@ -416,6 +426,35 @@ class ChatService(GenerationService):
                     usage=usage_of(prepared),
                     system_fingerprint=SYSTEM_FINGERPRINT,
                 )
+
+
+def _forced_call(prepared: Prepared) -> bool:
+    body = prepared.body
+    return isinstance(body, ChatCompletionRequest) and bool(body.forced_tools())
+
+
+def _answer(prepared: Prepared, text: str, finish: FinishReason | None) -> tuple[AssistantMessage, str | None]:
+    """A choice's message and finish reason. Under a forced ``tool_choice`` a complete call becomes
+    ``tool_calls``, with OpenAI's finish reasons: ``"tool_calls"`` for ``required``, ``"stop"`` for a named
+    function. A call cut short (``max_tokens``, a stop string) stays text, with its own finish reason."""
+    if _forced_call(prepared) and finish is FinishReason.STOP and (call := parse_call(text)) is not None:
+        body = prepared.body
+        assert isinstance(body, ChatCompletionRequest)
+        return AssistantMessage(content=None, tool_calls=[call]), "stop" if body.named_tool else "tool_calls"
+    return AssistantMessage(content=text), finish.value if finish is not None else None
+
+
+def _delta_of(message: AssistantMessage) -> Delta:
+    if not message.tool_calls:
+        return Delta(content=message.content)
+    return Delta(
+        tool_calls=[
+            ToolCallDelta(
+                index=i, id=call.id, type="function", function=FunctionCallDelta(**call.function.model_dump())
+            )
+            for i, call in enumerate(message.tool_calls)
+        ]
+    )
 
 
 def usage_of(prepared: Prepared) -> Usage:

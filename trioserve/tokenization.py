@@ -28,15 +28,21 @@ class ChatTokenizer:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; /v1/chat/completions needs one")
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Renders the chat template with ``add_generation_prompt=True`` and tokenizes it.
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Renders the chat template with ``add_generation_prompt=True`` and tokenizes it. ``tools`` (OpenAI
+        shape) reach templates that render tools; others ignore them.
 
         Raises:
             InvalidRequest: the template rejected the conversation (e.g. roles out of order).
         """
         try:
             text = self.hf.apply_chat_template(
-                [dict(message) for message in messages], tokenize=False, add_generation_prompt=True
+                [dict(message) for message in messages],
+                tools=[dict(tool) for tool in tools] if tools else None,
+                tokenize=False,
+                add_generation_prompt=True,
             )
         except Exception as exc:  # jinja2's TemplateError and whatever the template raises on purpose
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc

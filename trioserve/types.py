@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class FinishReason(enum.Enum):
@@ -175,7 +175,9 @@ class Detokenizer(Protocol):
 class Tokenizer(Protocol):
     """What serving needs of a tokenizer; satisfied by `tokenization.ChatTokenizer`."""
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]: ...
 
     def encode(self, text: str) -> list[int]: ...
 
