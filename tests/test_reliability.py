@@ -111,6 +111,9 @@ FIELDS = [
     "ignore_eos",
     "truncate",
     "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ]
 messages = st.lists(
     st.fixed_dictionaries(
@@ -133,6 +136,21 @@ response_formats = st.one_of(
         }
     ),
 )
+tool_bodies = st.fixed_dictionaries(
+    {
+        "messages": messages,
+        "tools": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries({"name": st.just("f"), "parameters": schemas}),
+                }
+            ),
+            max_size=2,
+        ),
+        "tool_choice": st.sampled_from(["required", "auto", "none", {"type": "function", "function": {"name": "f"}}]),
+    }
+)
 special = st.sampled_from(
     [
         {"n": 10**6},
@@ -148,6 +166,7 @@ bodies = (
         {"messages": messages},
         optional={f: json_values for f in FIELDS if f != "messages"} | {"response_format": response_formats},
     )
+    | tool_bodies
     | special
     | json_values
 )
