@@ -14,12 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from tests.fakes import FakeRunner
 from tests.strategies import SCHEMA_KEYWORDS, schemas
+from trioserve.chat import ChatService
 from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest
 from trioserve.guided import JSON_OBJECT_SCHEMA, GuideFactory, json_grammar
 from trioserve.protocol import ChatCompletionRequest
 from trioserve.sampling import SequenceSampler, sample_rows, unpack_mask
-from trioserve.serving import ChatService
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import SamplingParams
 

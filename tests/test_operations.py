@@ -25,10 +25,10 @@ from tests.fakes import DECODE_SECONDS, PREFILL_SECONDS, FakeRunner
 from tests.h2client import H2Client
 from tests.servers import demo_app
 from trioserve.app import TrioserveApp
+from trioserve.chat import ChatService
 from trioserve.engine import Engine
 from trioserve.errors import DeadlineExceeded
 from trioserve.protocol import ChatCompletionRequest
-from trioserve.serving import ChatService
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams
 

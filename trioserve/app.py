@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from trioserve.chat import ChatService
 from trioserve.completions import CompletionService
 from trioserve.config import Settings
 from trioserve.engine import Engine
@@ -36,7 +37,6 @@ from trioserve.httpio import (
 )
 from trioserve.metrics import CONTENT_TYPE, Metrics
 from trioserve.protocol import ChatCompletionRequest, CompletionRequest, dump
-from trioserve.serving import ChatService
 
 logger = logging.getLogger(__name__)
 
