@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import trio
 from transformers import DynamicCache
 
-from trioserve.types import SampledToken, StepOutput, StepPlan
+from trioserve.errors import InvalidRequest
+from trioserve.types import OutputSchema, SampledToken, StepOutput, StepPlan
 
 PREFILL_SECONDS = 0.010  # virtual time of one prefill chunk
 DECODE_SECONDS = 0.005  # virtual time of one decode pass, whatever the batch size
@@ -50,7 +51,11 @@ class FakeRunner:
     passes: list[Pass] = field(default_factory=list)
 
     tokenizer: object = None  # engine tests never detokenize; serving tests plug in the tiny real one
-    grammar_unavailable: str | None = "the fake runner samples no logits"
+
+    def compile_grammar(self, spec: OutputSchema) -> str:
+        raise InvalidRequest(
+            "grammars are not available for this model: the fake runner samples no logits", param=spec.param
+        )
 
     def live_sequences(self) -> int:
         return len(self.caches)

@@ -2,8 +2,9 @@
 
 Two halves, on two sides of the engine:
 
-- `json_grammar` runs in serving, before admission: it turns a schema into an llguidance grammar and checks
-  it, so a bad schema is a 400 naming ``response_format`` and never reaches the model.
+- `json_grammar` runs before admission (serving asks the runner's ``compile_grammar``, in a worker thread):
+  it turns a schema into an llguidance grammar and checks it, so a bad schema is a 400 and never reaches
+  the model.
 - `Guide` runs in the runner's worker thread: one matcher per sequence, asked for the tokens allowed next
   (a bitmask over the vocabulary) before each sample and advanced by the sampled token.
 
@@ -29,14 +30,13 @@ logger = logging.getLogger(__name__)
 # (indentation included); what it stops is the known failure of JSON modes where a model, allowed any
 # whitespace, emits newlines until max_tokens. A schema's own "x-guidance" options override this.
 JSON_DEFAULTS: llguidance._lib.JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,64}"}
-JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
 
 def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "response_format") -> str:
     """An llguidance grammar for JSON text matching ``schema`` (a JSON Schema, draft 2020-12).
 
     Args:
-        schema: the schema; ``JSON_OBJECT_SCHEMA`` for JSON mode.
+        schema: the schema; ``{"type": "object"}`` for JSON mode.
         strict: refuse keywords the compiler does not implement, instead of ignoring them.
         param: the request field to name in errors.
 

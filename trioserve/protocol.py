@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,9 +22,8 @@ from pydantic import (
 )
 
 from trioserve.errors import InvalidRequest
-from trioserve.guided import JSON_OBJECT_SCHEMA, json_grammar
-from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, call_grammar, forced_tools
-from trioserve.types import SamplingParams
+from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, call_schema, forced_tools
+from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -119,18 +117,14 @@ class ResponseFormat(BaseModel):
             raise ValueError("json_schema is required when type is 'json_schema'")
         return self
 
-    def grammar(self) -> str | None:
-        """The llguidance grammar enforcing this format (None for text).
-
-        Raises:
-            InvalidRequest: the schema is invalid or cannot be enforced.
-        """
+    def output_schema(self) -> OutputSchema | None:
+        """The schema this format enforces (None for text)."""
         if self.type == "json_object":
-            return json_grammar(JSON_OBJECT_SCHEMA)
+            return OutputSchema({"type": "object"})
         if self.json_schema is not None:
             spec = self.json_schema
             schema = spec.schema_ if spec.schema_ is not None else {}
-            return json_grammar(schema, strict=bool(spec.strict), param="response_format.json_schema.schema")
+            return OutputSchema(schema, strict=bool(spec.strict), param="response_format.json_schema.schema")
         return None
 
 
@@ -170,10 +164,13 @@ class _SamplingFields(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_format_and_eos(self) -> _SamplingFields:
+    def _check_schema_and_eos(self) -> _SamplingFields:
         # The grammar ends the output with EOS once the value is complete; ignoring EOS would run past it.
-        if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format", param="ignore_eos")
+        # (InvalidRequest rather than ValueError: pydantic would report it at the body, not the field.)
+        if self.ignore_eos and self.output_schema() is not None:
+            raise InvalidRequest(
+                "ignore_eos cannot be combined with a JSON response_format or a forced tool_choice", param="ignore_eos"
+            )
         return self
 
     @field_validator("logit_bias")
@@ -192,12 +189,9 @@ class _SamplingFields(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def grammar_source(self) -> Callable[[], str] | None:
-        """What compiles the grammar the output must follow (None: free text). Compiling raises
-        `InvalidRequest` for a schema that cannot be enforced."""
-        if self.response_format is None or self.response_format.type == "text":
-            return None
-        return self.response_format.grammar  # type: ignore[return-value]  # not None for the JSON types
+    def output_schema(self) -> OutputSchema | None:
+        """The schema the output must match (None: free text)."""
+        return self.response_format.output_schema() if self.response_format is not None else None
 
     def to_sampling_params(
         self,
@@ -208,7 +202,7 @@ class _SamplingFields(BaseModel):
         grammar: str | None = None,
     ) -> SamplingParams:
         """The internal sampling parameters; ``max_tokens`` is resolved by the caller against the context,
-        and ``grammar`` is ``response_format.grammar()``, compiled by the caller (off the event loop).
+        and ``grammar`` is `output_schema` compiled by the caller (the runner's, off the event loop).
 
         Raises:
             InvalidRequest: a logit_bias token id is outside the vocabulary.
@@ -253,20 +247,18 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
         # InvalidRequest rather than ValueError: pydantic would report these at the body, not the field.
-        choice = self.tool_choice
+        choice, forced = self.tool_choice, self.forced_tools()
         if choice == "required" and not self.tools:
             raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
-        if isinstance(choice, NamedToolChoice) and not self.forced_tools():
+        if isinstance(choice, NamedToolChoice) and not forced:
             raise InvalidRequest(
                 f"tool_choice names function {choice.function.name!r}, which is not among the tools",
                 param="tool_choice",
             )
-        if self.forced_tools() and self.response_format is not None and self.response_format.type != "text":
+        if forced and super().output_schema() is not None:
             raise InvalidRequest(
                 "a forced tool_choice cannot be combined with a JSON response_format", param="response_format"
             )
-        if self.forced_tools() and self.ignore_eos:
-            raise InvalidRequest("ignore_eos cannot be combined with a forced tool_choice", param="ignore_eos")
         return self
 
     def forced_tools(self) -> list[Tool]:
@@ -277,11 +269,9 @@ class ChatCompletionRequest(_SamplingFields):
     def named_tool(self) -> bool:
         return isinstance(self.tool_choice, NamedToolChoice)
 
-    def grammar_source(self) -> Callable[[], str] | None:
+    def output_schema(self) -> OutputSchema | None:
         forced = self.forced_tools()
-        if forced:
-            return lambda: call_grammar(forced)
-        return super().grammar_source()
+        return call_schema(forced) if forced else super().output_schema()
 
     def tools_for_template(self) -> list[dict[str, Any]] | None:
         """The tools to show the model: only when a call is forced (with ``auto`` the answer is text, and a

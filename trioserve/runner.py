@@ -18,11 +18,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from trioserve.errors import OutOfMemory
-from trioserve.guided import GuideFactory
+from trioserve.errors import InvalidRequest, OutOfMemory
+from trioserve.guided import GuideFactory, json_grammar
 from trioserve.sampling import SequenceSampler, sample_rows
 from trioserve.tokenization import ChatTokenizer
-from trioserve.types import GenerationRequest, PrefillChunk, SampledToken, StepOutput, StepPlan
+from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
 
 
 @dataclass(eq=False)
@@ -124,9 +124,13 @@ class TransformersRunner:
     def tokenizer(self) -> ChatTokenizer:
         return self._tokenizer
 
-    @property
-    def grammar_unavailable(self) -> str | None:
-        return self.guides.unavailable
+    def compile_grammar(self, spec: OutputSchema) -> str:
+        if (reason := self.guides.unavailable) is not None:
+            raise InvalidRequest(
+                f"JSON response_format and forced tool calls are not available for this model: {reason}",
+                param=spec.param,
+            )
+        return json_grammar(dict(spec.schema), strict=spec.strict, param=spec.param)
 
     def live_sequences(self) -> int:
         return len(self._sequences)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from trioserve.guided import Guide
 from trioserve.types import SampledToken, SamplingParams
+
+if TYPE_CHECKING:  # the runner builds guides; sampling only calls them
+    from trioserve.guided import Guide
 
 _BITS = torch.arange(8, dtype=torch.uint8)
 

@@ -19,7 +19,6 @@ from trioserve.engine import Engine, TokenStream
 from trioserve.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
-    InvalidRequest,
     ModelNotFound,
     TrioserveError,
     Unavailable,
@@ -188,15 +187,10 @@ class GenerationService:
         Raises:
             InvalidRequest: the schema is invalid or cannot be enforced, or this model cannot take grammars.
         """
-        source = body.grammar_source()
-        if source is None:
+        spec = body.output_schema()
+        if spec is None:
             return None
-        if (reason := runner.grammar_unavailable) is not None:
-            raise InvalidRequest(
-                f"JSON response_format and forced tool calls are not available for this model: {reason}",
-                param="response_format",
-            )
-        return await trio.to_thread.run_sync(source)
+        return await trio.to_thread.run_sync(runner.compile_grammar, spec)
 
     @staticmethod
     def _choices(

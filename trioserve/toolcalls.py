@@ -1,6 +1,6 @@
 """Tool calls that ``tool_choice`` forces: ``"required"`` (one of the tools) or a named function.
 
-The call is produced under a grammar, like ``response_format``: the output is the JSON object
+The call is produced under a grammar (`call_schema`), like ``response_format``: the output is the JSON object
 ``{"name": <a tool's name>, "arguments": <that tool's parameters schema>}``, so it always names a tool and
 its arguments always match that tool's schema, whatever the model. The text is then turned into the
 OpenAI shape (`ToolCall`). With ``tool_choice`` ``"auto"`` (the default when tools are given) the model
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trioserve.guided import json_grammar
+from trioserve.types import OutputSchema
 
 # -- requests ---------------------------------------------------------------------------------------------
 
@@ -62,12 +62,8 @@ def forced_tools(tools: list[Tool] | None, choice: ToolChoice | None) -> list[To
     return list(tools)
 
 
-def call_grammar(tools: list[Tool]) -> str:
-    """The grammar of one call to one of ``tools``.
-
-    Raises:
-        InvalidRequest: a tool's parameters schema is invalid or cannot be enforced (param ``tools``).
-    """
+def call_schema(tools: list[Tool]) -> OutputSchema:
+    """The schema of one call to one of ``tools`` (errors about it name ``tools``)."""
     calls = [
         {
             "type": "object",
@@ -81,7 +77,7 @@ def call_grammar(tools: list[Tool]) -> str:
         for tool in tools
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return json_grammar(schema, strict=any(bool(t.function.strict) for t in tools), param="tools")
+    return OutputSchema(schema, strict=any(bool(t.function.strict) for t in tools), param="tools")
 
 
 # -- responses --------------------------------------------------------------------------------------------
@@ -111,7 +107,7 @@ class ToolCallDelta(BaseModel):
 
 
 def parse_call(text: str) -> ToolCall | None:
-    """The call in ``text`` (output produced under `call_grammar`), or None if it is incomplete (the
+    """The call in ``text`` (output produced under `call_schema`), or None if it is incomplete (the
     output was cut by ``max_tokens`` or a stop string)."""
     try:
         value = json.loads(text)

@@ -43,6 +43,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputSchema:
+    """A JSON schema the output must match: a JSON ``response_format``, or the call a forced ``tool_choice``
+    asks for. ``param`` is the request field that errors about it name."""
+
+    schema: Mapping[str, Any]
+    strict: bool = False  # keywords that cannot be enforced are an error rather than ignored
+    param: str = "response_format"
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One sequence to generate: prompt token ids after the chat template, and how to sample."""
 
@@ -139,9 +149,13 @@ class Runner(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
 
-    @property
-    def grammar_unavailable(self) -> str | None:
-        """Why ``SamplingParams.grammar`` cannot be enforced for this model, or None when it can."""
+    def compile_grammar(self, spec: OutputSchema) -> str:
+        """The grammar enforcing ``spec`` for this model (for `SamplingParams.grammar`). Changes no runner
+        state, so serving calls it from a worker thread, even while a step runs.
+
+        Raises:
+            InvalidRequest: the schema cannot be enforced, or this model cannot take grammars.
+        """
         ...
 
     def step(self, plan: StepPlan) -> StepOutput:
