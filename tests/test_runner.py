@@ -6,7 +6,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import pytest
-from transformers import PreTrainedModel
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import live_caches, make_runner
 from trioserve.runner import TransformersRunner
@@ -103,30 +104,40 @@ def test_batched_tokens_equal_solo_tokens(
     assert live_caches() == 0
 
 
-def test_rows_leave_and_padding_is_trimmed(runner: TransformersRunner) -> None:
-    arrivals = [
-        Arrival(0, greedy("a", list(range(10, 40)), 3)),  # long prompt, leaves first
-        Arrival(0, greedy("b", [3, 4, 5], 12)),
-    ]
-    drive(runner, arrivals[:1] + arrivals[1:])
-    assert runner.live_sequences() == 0
-    # Rebuild the situation and look at the batch after the long row left.
+def test_a_released_slot_is_free_at_once_and_decode_covers_only_live_rows(runner: TransformersRunner) -> None:
+    arena = runner.arena
+    assert arena is not None and arena.free_slots == 8
     sched = Scheduler(max_running=4, max_waiting=4, batch_size=8, prefill_chunk=64)
-    for i, a in enumerate(arrivals):
-        sched.submit(i, a.request)
-    for _ in range(4):
+    for i, request in enumerate([greedy("a", list(range(10, 40)), 30), greedy("b", [3, 4, 5], 30)]):
+        sched.submit(i, request)
+    for _ in range(3):
         plan = sched.plan()
         runner.step(plan)
         for chunk in plan.prefill:
             sched.prefilled(chunk)
+    assert arena.free_slots == 6 and runner.kv_tokens() == 30 + 3 + 2 * 2
     sched.remove(0)
-    runner.release(0)
-    runner.step(sched.plan())
-    batch = runner._batch
-    assert batch is not None and len(batch.rows) == 1
-    assert batch.mask.shape[1] == batch.rows[0].length  # no padding column left
-    runner.release(1)
-    assert runner._batch is None
+    runner.release(0)  # slot 0 is free before the next step is planned
+    assert arena.free_slots == 7 and runner.kv_tokens() == 3 + 2
+    sched.submit(2, greedy("c", [7, 8], 30))
+    plan = sched.plan()
+    runner.step(plan)
+    assert runner._sequences[2].slot == 0  # the lowest free slot: live slots stay packed at the front
+    for seq_id in (1, 2):
+        sched.remove(seq_id)
+        runner.release(seq_id)
+    assert arena.free_slots == 8 and runner.live_sequences() == 0 and runner.kv_tokens() == 0
+
+
+def test_decode_rows_stand_in_for_free_slots(runner: TransformersRunner) -> None:
+    """A sequence alone in slot 5 decodes in a pass of 8 rows (7 of them padding) with its solo tokens."""
+    arena = runner.arena
+    assert arena is not None
+    taken = [arena.acquire() for _ in range(5)]
+    alone = drive(runner, [Arrival(0, greedy("x", [5, 6, 7, 8], 10))])
+    for slot in taken:
+        arena.release(slot)
+    assert drive(runner, [Arrival(0, greedy("x", [5, 6, 7, 8], 10))]) == alone
 
 
 def test_one_request_per_pass_mode_gives_the_same_tokens(
@@ -148,3 +159,54 @@ def test_seeded_sampling_is_independent_of_batch(runner: TransformersRunner) -> 
     crowd = drive(runner, [Arrival(0, greedy("g", [9, 9, 9, 9], 10)), Arrival(0, seeded("s")), Arrival(2, seeded("t"))])
     assert crowd["s"] == alone
     assert crowd["t"] == alone
+
+
+def _windowed_model(kind: str, tokenizer: ChatTokenizer) -> PreTrainedModel:
+    """A tiny random float64 model whose sliding window (6) is shorter than the prompts and outputs below."""
+    shape = {
+        "vocab_size": len(tokenizer.hf),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.5,
+    }
+    if kind == "mistral":  # every layer slides
+        config = AutoConfig.for_model("mistral", sliding_window=6, **shape)
+    elif kind == "qwen2":  # one sliding layer, one full
+        config = AutoConfig.for_model(
+            "qwen2",
+            use_sliding_window=True,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"],
+            **shape,
+        )
+    else:  # gemma2: eager attention (softcapping), alternating layers
+        config = AutoConfig.for_model("gemma2", sliding_window=6, head_dim=16, **shape)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    model.generation_config.eos_token_id = [tokenizer.hf.convert_tokens_to_ids("<|im_end|>")]
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma2"])
+def test_sliding_window_models_batch_and_keep_their_solo_tokens(kind: str, chat_tokenizer: ChatTokenizer) -> None:
+    model = _windowed_model(kind, chat_tokenizer)
+    runner = make_runner(model, chat_tokenizer)
+    assert runner.max_batch_size == 8, runner.mode
+    arrivals = [
+        Arrival(0, greedy("a", list(range(20, 33)), 14)),  # prompt past the window: prefilled in chunks of 8
+        Arrival(0, greedy("b", [3, 4, 5], 16)),
+        Arrival(2, greedy("c", [9, 10, 11, 12, 13], 12), leave_after=5),
+        Arrival(4, greedy("d", [40, 41], 10)),
+    ]
+    batched = drive(runner, arrivals)
+    for arrival in arrivals:
+        name = arrival.request.request_id
+        assert batched[name] == drive(runner, [Arrival(0, arrival.request, arrival.leave_after)])[name], name
+    # And they are the tokens transformers itself generates for it, window and all.
+    reference = model.generate(torch.tensor([list(range(20, 33))]), max_new_tokens=14, do_sample=False)
+    assert batched["a"] == reference[0, 13:].tolist()

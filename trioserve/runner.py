@@ -1,28 +1,40 @@
-"""The model side: prefill, batched decode steps, and KV cache ownership. Synchronous; no trio.
+"""The model side: prefill, batched decode over the KV arena, and who owns which KV. Synchronous; no trio.
 
-KV lives in groups (`_KVGroup`): a `DynamicCache` whose row ``i`` belongs to one sequence, with a 2-D mask
-marking which columns of that row hold real tokens (rows are left-padded to a common width). A sequence's
-KV starts in its own group (a long prompt, prefilled chunk by chunk) or in a group of whole prompts
-prefilled together in one forward pass. When its sequences first appear in a decode plan, the group is
-joined into the running batch by left-padding along the sequence axis; every row keeps its own
-``position_ids``, so a row's tokens are the ones it would get alone. A released row is dropped with
-``batch_select_indices`` at the start of the next step, and padding columns no row needs are trimmed then.
+Two ways to hold KV, chosen at load:
+
+* **Arena** (models whose layers are all plain or sliding-window attention): a sequence owns one slot of
+  the `KVArena` from its first prefill chunk to its release. Its prompt is prefilled into a `DynamicCache`
+  of its own (chunk by chunk, or with other whole prompts in one left-padded pass) and copied into the
+  slot once; every decode step then runs all decoding sequences in one static-shape pass (`DecodeStep`: a
+  replayed CUDA graph on CUDA) that writes each new key and value in place and attends over each row's
+  valid prefix. Releasing frees the slot at once; nothing is joined, padded or compacted per step.
+* **Own cache** (recurrent and hybrid layers, attention that cannot take our masks): each sequence keeps
+  its `DynamicCache` for life and is decoded alone, one sequence per pass, taking turns.
+
+Either way a sequence's tokens are the ones it would get alone (tests/test_runner.py checks it in float64).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
+from trioserve.arena import KVArena, arena_layers
+from trioserve.attention import use_arena_attention, use_plain_attention
+from trioserve.decode import DecodeStep
 from trioserve.errors import InvalidRequest, OutOfMemory
 from trioserve.guided import GuideFactory, json_grammar
 from trioserve.sampling import SequenceSampler, sample_rows
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
 @dataclass(eq=False)
@@ -32,45 +44,25 @@ class _Sequence:
     seq_id: int
     request: GenerationRequest
     sampler: SequenceSampler
-    group: _KVGroup
-    length: int = 0  # tokens in the KV cache
+    cache: DynamicCache | None  # its own KV: while prefilling (arena mode), or for life (own-cache mode)
+    slot: int | None = None  # its arena slot (arena mode)
+    length: int = 0  # tokens whose KV is held
     last_token: int = -1  # sampled but not yet fed back
 
 
-@dataclass(eq=False)
-class _KVGroup:
-    """Rows of one cache: row ``i`` belongs to ``rows[i]``; ``mask`` is 1 where a row holds a real token."""
-
-    cache: DynamicCache
-    rows: list[_Sequence]
-    mask: torch.Tensor  # [rows, columns], long
-    released: set[int] = field(default_factory=set)  # row indexes to drop before the next forward pass
-
-    @property
-    def live(self) -> bool:
-        return len(self.released) < len(self.rows)
-
-    def compact(self) -> None:
-        """Drops released rows, then the leading padding columns that no remaining row needs."""
-        if not self.released or not self.live:
-            return
-        keep = [i for i in range(len(self.rows)) if i not in self.released]
-        index = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
-        self.rows = [self.rows[i] for i in keep]
-        self.released = set()
-        trim = self.mask.shape[1] - max(row.length for row in self.rows)
-        if trim > 0:
-            self.mask = self.mask[:, trim:]
-            for layer in self.cache.layers:
-                keys, values = _kv(layer)
-                assert isinstance(layer, DynamicLayer)
-                layer.keys, layer.values = keys[:, :, trim:, :], values[:, :, trim:, :]
-
-
 class TransformersRunner:
-    """Runs a transformers causal LM for the engine; see the `trioserve.types.Runner` Protocol."""
+    """Runs a transformers causal LM for the engine; see the `trioserve.types.Runner` Protocol.
+
+    Args:
+        model: the loaded model, in eval mode, on its device.
+        tokenizer: its chat tokenizer.
+        model_id: the id reported to clients.
+        max_batch_size: sequences per decode pass, and so slots in the arena.
+        eos_token_ids: tokens that end a sequence.
+        max_model_len: prompt plus output tokens a sequence may hold (default: the model's limit, at most
+            4096); sizes the arena.
+        cuda_graphs: capture the decode pass as CUDA graphs (on CUDA devices only).
+    """
 
     def __init__(
         self,
@@ -80,6 +72,8 @@ class TransformersRunner:
         model_id: str,
         max_batch_size: int,
         eos_token_ids: frozenset[int],
+        max_model_len: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
@@ -88,15 +82,18 @@ class TransformersRunner:
         self._eos_token_ids = eos_token_ids
         config = model.config.get_text_config()
         self._vocab_size = int(config.vocab_size)
-        self._max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
-        self._max_batch_size = max_batch_size if self._batchable() else 1
+        model_limit = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self._max_context = min(max_model_len or min(model_limit, DEFAULT_MAX_MODEL_LEN), model_limit)
         # transformers 5.24 renamed `past_key_values` to `cache`; accept both spellings of the library.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sequences: dict[int, _Sequence] = {}
-        self._batch: _KVGroup | None = None  # the running batch (batched mode)
         self.guides = GuideFactory(tokenizer.hf, self._vocab_size, eos_token_ids)
         self.forward_passes = 0
+        self.arena: KVArena | None = None
+        self._decode_step: DecodeStep | None = None
+        self.mode = self._set_up_arena(max_batch_size, cuda_graphs) if max_batch_size > 1 else "--max-batch-size 1"
+        self._max_batch_size = max_batch_size if self.arena is not None else 1
 
     # -- Runner Protocol: properties ------------------------------------------------------------------
 
@@ -136,8 +133,7 @@ class TransformersRunner:
         return len(self._sequences)
 
     def kv_tokens(self) -> int:
-        groups = {id(s.group): s.group for s in self._sequences.values()}
-        return sum(int(group.mask.numel()) for group in groups.values())
+        return sum(sequence.length for sequence in self._sequences.values())
 
     # -- Runner Protocol: lifecycle -------------------------------------------------------------------
 
@@ -145,10 +141,10 @@ class TransformersRunner:
         sequence = self._sequences.pop(seq_id, None)
         if sequence is None:
             return
-        group = sequence.group
-        group.released.add(group.rows.index(sequence))
-        if not group.live and group is self._batch:
-            self._batch = None  # nothing left to keep: the whole cache goes now, no copy needed
+        if sequence.slot is not None:
+            assert self.arena is not None
+            self.arena.release(sequence.slot)  # its next owner overwrites it; nothing reads it before
+        sequence.cache = None
 
     def step(self, plan: StepPlan) -> StepOutput:
         try:
@@ -160,9 +156,6 @@ class TransformersRunner:
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> StepOutput:
         tokens: dict[int, SampledToken] = {}
-        # Every live group, the running batch included, is some live sequence's group.
-        for group in {id(s.group): s.group for s in self._sequences.values()}.values():
-            group.compact()
         if len(plan.prefill) == 1:
             token = self._prefill_chunk(plan.prefill[0])
             if token is not None:
@@ -173,12 +166,54 @@ class TransformersRunner:
             tokens.update(self._decode(plan.decode))
         return StepOutput(tokens)
 
-    # -- internals ------------------------------------------------------------------------------------
+    # -- set-up ---------------------------------------------------------------------------------------
 
-    def _batchable(self) -> bool:
-        """Batching joins caches by padding plain full-attention layers; other layer kinds run one by one."""
+    @torch.inference_mode()
+    def _set_up_arena(self, slots: int, cuda_graphs: bool) -> str:
+        """Allocates the arena and checks, on a probe prompt, that a decode pass through it gives the logits
+        the model's own cache gives. Returns how sequences are decoded, for the startup log."""
         probe = DynamicCache(config=self.model.config)
-        return all(type(layer) is DynamicLayer for layer in probe.layers)
+        ids = torch.tensor([[1, 2, 3]], device=self._device)
+        self._forward(probe, input_ids=ids[:, :2], position_ids=torch.tensor([[0, 1]], device=self._device))
+        layers = arena_layers(probe)
+        if layers is None:
+            kinds = sorted({type(layer).__name__ for layer in probe.layers})
+            return f"one sequence per pass: its cache layers ({', '.join(kinds)}) are not plain attention"
+        base = use_arena_attention(self.model)
+        if base is None:
+            name = self.model.config._attn_implementation
+            return f"one sequence per pass: attention implementation {name!r} cannot decode from the arena"
+        dtype = next(self.model.parameters()).dtype
+        try:
+            self.arena = KVArena(layers, slots=slots, max_len=self._max_context, dtype=dtype, device=self._device)
+        except torch.OutOfMemoryError as exc:
+            raise torch.OutOfMemoryError(
+                f"the KV arena ({slots} slots x {self._max_context} tokens) does not fit: lower --max-concurrent "
+                f"or --max-model-len ({exc})"
+            ) from exc
+        self._decode_step = DecodeStep(
+            self.model, self.arena, cache_kwarg=self._cache_kwarg, additive_masks=base == "eager"
+        )
+        slot = self.arena.acquire()
+        self.arena.store(slot, probe, 0, 2)
+        expected = self._forward(probe, input_ids=ids[:, 2:], position_ids=torch.tensor([[2]], device=self._device))
+        got = self._decode_step.run([slot], [3], [2])[0]
+        self.arena.release(slot)
+        scale = float(expected.abs().max())
+        agrees = bool(torch.allclose(got, expected[0].float(), rtol=2e-2, atol=2e-2 * scale))
+        if self._decode_step.masks_seen != len(layers) or not agrees:
+            use_plain_attention(self.model)
+            self.arena, self._decode_step = None, None
+            return "one sequence per pass: its attention layers do not decode correctly from the arena"
+        if cuda_graphs and self._device.type == "cuda":
+            self._decode_step.capture()
+        gib = self.arena.nbytes / 2**30
+        graphs = "CUDA graphs" if self._decode_step.captured else "eager"
+        return (
+            f"up to {slots} sequences per pass ({graphs}); KV arena {slots} x {self._max_context} tokens, {gib:.2f} GiB"
+        )
+
+    # -- passes ---------------------------------------------------------------------------------------
 
     def _forward(self, cache: DynamicCache, **inputs: torch.Tensor) -> torch.Tensor:
         self.forward_passes += 1
@@ -186,110 +221,78 @@ class TransformersRunner:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _new_sequence(self, chunk: PrefillChunk, group: _KVGroup) -> _Sequence:
+    def _new_sequence(self, chunk: PrefillChunk, cache: DynamicCache | None) -> _Sequence:
         request = chunk.request
         grammar = request.params.grammar
         guide = self.guides.guide(grammar) if grammar is not None else None
         sampler = SequenceSampler(request.params, request.prompt_ids, self._vocab_size, self._device, guide)
-        sequence = _Sequence(chunk.seq_id, request, sampler, group)
+        slot = self.arena.acquire() if self.arena is not None else None
+        sequence = _Sequence(chunk.seq_id, request, sampler, cache, slot)
         self._sequences[chunk.seq_id] = sequence
         return sequence
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> SampledToken | None:
-        """One chunk of one prompt, on that sequence's own cache."""
+        """One chunk of one prompt, into that sequence's own cache (then its slot, after the last chunk)."""
         if chunk.start == 0:
-            empty = torch.zeros((1, 0), dtype=torch.long, device=self._device)
-            group = _KVGroup(DynamicCache(config=self.model.config), [], empty)
-            group.rows.append(self._new_sequence(chunk, group))
+            self._new_sequence(chunk, DynamicCache(config=self.model.config))
         sequence = self._sequences[chunk.seq_id]
-        group = sequence.group
-        assert group is not self._batch, "a sequence in the batch cannot be prefilled again"
+        assert sequence.cache is not None, "a decoding sequence cannot be prefilled again"
         ids = chunk.request.prompt_ids[chunk.start : chunk.end]
         input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
         positions = torch.arange(chunk.start, chunk.end, device=self._device).unsqueeze(0)
-        logits = self._forward(group.cache, input_ids=input_ids, position_ids=positions)
-        group.mask = torch.nn.functional.pad(group.mask, (0, len(ids)), value=1)
+        # One unpadded row: no attention mask (recurrent mixers misread one given at decode).
+        logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
         sequence.length = chunk.end
         if not chunk.is_last:
             return None
+        if self.arena is not None:
+            assert sequence.slot is not None
+            self.arena.store(sequence.slot, sequence.cache, 0, sequence.length)
+            sequence.cache = None
         (token,) = sample_rows(logits, [sequence.sampler], self._eos_token_ids)
         sequence.last_token = token.token_id
         return token
 
     def _prefill_together(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
-        """Whole prompts of several sequences in one left-padded forward pass, into one new group."""
+        """Whole prompts of several sequences in one left-padded forward pass, each copied into its slot."""
+        assert self.arena is not None, "only arena mode prefills prompts together"
         assert all(c.start == 0 and c.is_last for c in chunks), "only whole prompts are prefilled together"
-        width = max(len(c.request.prompt_ids) for c in chunks)
-        padded = [[0] * (width - len(c.request.prompt_ids)) + list(c.request.prompt_ids) for c in chunks]
+        lengths = [len(c.request.prompt_ids) for c in chunks]
+        width = max(lengths)
+        padded = [[0] * (width - n) + list(c.request.prompt_ids) for c, n in zip(chunks, lengths, strict=True)]
+        mask_rows = [[0] * (width - n) + [1] * n for n in lengths]
         input_ids = torch.tensor(padded, dtype=torch.long, device=self._device)
-        mask = torch.tensor(
-            [[0] * (width - len(c.request.prompt_ids)) + [1] * len(c.request.prompt_ids) for c in chunks],
-            dtype=torch.long,
-            device=self._device,
-        )
+        mask = torch.tensor(mask_rows, dtype=torch.long, device=self._device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        group = _KVGroup(DynamicCache(config=self.model.config), [], mask)
-        for chunk in chunks:
-            sequence = self._new_sequence(chunk, group)
-            sequence.length = len(chunk.request.prompt_ids)
-            group.rows.append(sequence)
-        logits = self._forward(group.cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-        tokens = sample_rows(logits, [s.sampler for s in group.rows], self._eos_token_ids)
-        for sequence, token in zip(group.rows, tokens, strict=True):
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        sequences = [self._new_sequence(chunk, None) for chunk in chunks]
+        for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
+            assert sequence.slot is not None
+            self.arena.store(sequence.slot, cache, row, length)
+            sequence.length = length
+        tokens = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
+        for sequence, token in zip(sequences, tokens, strict=True):
             sequence.last_token = token.token_id
-        return {s.seq_id: t for s, t in zip(group.rows, tokens, strict=True)}
+        return {s.seq_id: t for s, t in zip(sequences, tokens, strict=True)}
 
     def _decode(self, seq_ids: tuple[int, ...]) -> dict[int, SampledToken]:
         sequences = [self._sequences[seq_id] for seq_id in seq_ids]
-        if self._max_batch_size == 1:
-            assert len(sequences) == 1, "one-request-per-pass mode decodes one sequence a step"
-            group = sequences[0].group
+        if self._decode_step is None:
+            assert len(sequences) == 1, "own-cache mode decodes one sequence a pass"
+            (sequence,) = sequences
+            assert sequence.cache is not None
+            input_ids = torch.tensor([[sequence.last_token]], device=self._device)
+            positions = torch.tensor([[sequence.length]], device=self._device)
+            logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
         else:
-            group = self._join(sequences)
-        group.mask = torch.nn.functional.pad(group.mask, (0, 1), value=1)
-        input_ids = torch.tensor([[s.last_token] for s in group.rows], device=self._device)
-        positions = torch.tensor([[s.length] for s in group.rows], device=self._device)
-        logits = self._forward(group.cache, input_ids=input_ids, attention_mask=group.mask, position_ids=positions)
-        tokens = sample_rows(logits, [s.sampler for s in group.rows], self._eos_token_ids)
-        result = {}
-        for sequence, token in zip(group.rows, tokens, strict=True):
+            self.forward_passes += 1
+            slots = [s.slot for s in sequences]
+            assert None not in slots, "a sequence decodes only once its prompt is in its slot"
+            tokens = [s.last_token for s in sequences]
+            logits = self._decode_step.run(slots, tokens, [s.length for s in sequences])  # type: ignore[arg-type]
+        sampled = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
+        for sequence, token in zip(sequences, sampled, strict=True):
             sequence.length += 1
             sequence.last_token = token.token_id
-            result[sequence.seq_id] = token
-        return result
-
-    def _join(self, sequences: list[_Sequence]) -> _KVGroup:
-        """Makes the running batch hold exactly ``sequences``, joining the groups it does not have yet."""
-        batch = self._batch
-        newcomers = {id(s.group): s.group for s in sequences if s.group is not batch}
-        expected = (len(batch.rows) if batch is not None else 0) + sum(len(g.rows) for g in newcomers.values())
-        if expected != len(sequences):
-            raise RuntimeError("the decode plan does not match the running batch")
-        if not newcomers:
-            assert batch is not None
-            return batch
-        parts = ([batch] if batch is not None else []) + list(newcomers.values())
-        width = max(part.mask.shape[1] for part in parts)
-        cache = DynamicCache(config=self.model.config)
-        for index in range(len(cache.layers)):
-            kvs = [_kv(part.cache.layers[index]) for part in parts]
-            keys = torch.cat([_left_pad(k, width) for k, _ in kvs])
-            values = torch.cat([_left_pad(v, width) for _, v in kvs])
-            cache.update(keys, values, index)
-        mask = torch.cat([torch.nn.functional.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])
-        joined = _KVGroup(cache, [row for part in parts for row in part.rows], mask)
-        for row in joined.rows:
-            row.group = joined  # the old groups' caches are now unreferenced and freed
-        self._batch = joined
-        return joined
-
-
-def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of a plain full-attention layer (the only kind `_batchable` lets through)."""
-    assert type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Pads [batch, heads, seq, dim] with zeros on the left of the sequence axis up to ``width``."""
-    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+        return {s.seq_id: t for s, t in zip(sequences, sampled, strict=True)}

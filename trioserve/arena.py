@@ -1,0 +1,141 @@
+"""The KV arena: every attention layer's keys and values for every slot, allocated once at load.
+
+Layout per layer: ``[slots, kv_heads, max_len + 1, head_dim]`` in the model's dtype, on its device. A request
+owns one slot (`KVArena.acquire`) from its first prefill chunk to its release; its token at position ``p``
+lives in column ``p``. The last column is scratch: padding rows of a decode step write there, so they never
+touch a real token. Nothing is concatenated, re-padded or copied per step: prefill builds the request's own
+`DynamicCache` and `KVArena.store` copies it into the slot once; each decode step writes its one new key and
+value per row in place (`ArenaCache.update`) and attends over the first ``length`` columns of the slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+
+@dataclass(frozen=True, slots=True)
+class LayerShape:
+    """What one attention layer keeps per token, learnt from a probe forward pass."""
+
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None  # keys older than this many positions are never attended
+
+
+def arena_layers(cache: DynamicCache) -> list[LayerShape] | None:
+    """The arena layout of a model from a cache its forward pass filled, or None when some layer is not plain
+    attention (linear attention, recurrent state, cross-attention...): such models keep their own caches."""
+    shapes = []
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return None
+        keys, _ = _kv(layer)
+        window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
+        shapes.append(LayerShape(int(keys.shape[1]), int(keys.shape[3]), window))
+    return shapes or None
+
+
+def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ([batch, kv_heads, tokens, head_dim]) of a filled attention layer."""
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
+class KVArena:
+    """Keys and values of every slot, and which slots are free (the lowest free slot is handed out first, so
+    live slots stay packed at the front and a decode step covers as few rows as possible).
+
+    Args:
+        layers: one shape per attention layer, in layer order.
+        slots: requests that can hold KV at once.
+        max_len: tokens a slot holds (prompt plus output).
+        dtype, device: the model's.
+    """
+
+    def __init__(
+        self, layers: list[LayerShape], *, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layers = layers
+        self.slots = slots
+        self.max_len = max_len
+        self.scratch = max_len  # the column padding rows write to
+        # Zeros, not empty: padding rows attend to column 0 of whatever slot they stand in, and uninitialised
+        # memory may hold NaN bit patterns.
+        self.keys = [
+            torch.zeros(slots, s.kv_heads, max_len + 1, s.head_dim, dtype=dtype, device=device) for s in layers
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self._free = list(range(slots))  # a heap
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        """The lowest free slot.
+
+        Raises:
+            RuntimeError: every slot is taken (the scheduler admits at most ``slots`` sequences).
+        """
+        if not self._free:
+            raise RuntimeError("no free KV slot: the scheduler admitted more sequences than the arena holds")
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        """Frees a slot. Its old keys stay in memory and are overwritten by the next owner; they are never read,
+        since a row attends only to its own first ``length`` columns."""
+        heapq.heappush(self._free, slot)
+
+    def store(self, slot: int, cache: DynamicCache, row: int, length: int) -> None:
+        """Copies row ``row`` of a prefill cache (``length`` real tokens, right-aligned: rows of a prompt group
+        are left-padded) into ``slot``, columns ``[0, length)``. A sliding layer's cache keeps only the last
+        tokens of its window; they go to the columns they belong to, and the older ones are never attended."""
+        for index, layer in enumerate(cache.layers):
+            keys, values = _kv(layer)
+            kept = int(keys.shape[2])
+            count = min(length, kept)
+            self.keys[index][slot, :, length - count : length] = keys[row, :, kept - count :]
+            self.values[index][slot, :, length - count : length] = values[row, :, kept - count :]
+
+
+class ArenaCache(Cache):
+    """The transformers `Cache` a decode pass sees: row ``i`` of the batch is slot ``i``.
+
+    ``update`` writes each row's new key and value at its column (``write_at``: the row's position, or the
+    scratch column for padding rows) and hands attention the first ``columns`` columns of the first ``rows``
+    slots, as views: no copy. Its tensors are fixed for its life, so a CUDA graph can capture passes over it.
+    """
+
+    def __init__(self, arena: KVArena, write_at: torch.Tensor, columns: int) -> None:
+        super().__init__(layers=[])
+        self._arena = arena
+        self._write_at = write_at  # [rows], long
+        self._rows = torch.arange(write_at.shape[0], device=write_at.device)
+        self._columns = columns
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._arena.keys[layer_idx], self._arena.values[layer_idx]
+        rows = self._rows.shape[0]
+        # key_states: [rows, kv_heads, 1, head_dim]; the indexed target is [rows, kv_heads, head_dim].
+        keys[self._rows, :, self._write_at] = key_states[:, :, 0]
+        values[self._rows, :, self._write_at] = value_states[:, :, 0]
+        return keys[:rows, :, : self._columns], values[:rows, :, : self._columns]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Only reached by models that derive positions from the cache; we always pass position_ids.
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
