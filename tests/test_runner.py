@@ -210,3 +210,16 @@ def test_sliding_window_models_batch_and_keep_their_solo_tokens(kind: str, chat_
     # And they are the tokens transformers itself generates for it, window and all.
     reference = model.generate(torch.tensor([list(range(20, 33))]), max_new_tokens=14, do_sample=False)
     assert batched["a"] == reference[0, 13:].tolist()
+
+
+def test_max_model_len_sizes_the_arena_and_the_context(model64: PreTrainedModel, chat_tokenizer: ChatTokenizer) -> None:
+    eos = frozenset(int(i) for i in model64.generation_config.eos_token_id)
+    runner = TransformersRunner(
+        model64, chat_tokenizer, model_id="tiny", max_batch_size=3, eos_token_ids=eos, max_model_len=100
+    )
+    assert runner.max_context == 100
+    assert runner.arena is not None and runner.arena.slots == 3 and runner.arena.max_len == 100
+    assert "3 x 100 tokens" in runner.mode
+    # A sequence may fill its slot to the last column.
+    out = drive(runner, [Arrival(0, greedy("full", list(range(5, 95)), 10))])
+    assert len(out["full"]) == 10

@@ -37,6 +37,10 @@ class Settings(BaseModel):
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot; past it: 429")
     max_batch_size: int | None = Field(None, ge=1, description="sequences per decode pass (1: no batching)")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step")
+    max_model_len: int | None = Field(
+        None, ge=16, description="prompt + output tokens per request; sizes the KV arena (default: model's, <= 4096)"
+    )
+    cuda_graphs: bool = Field(True, description="replay the decode step as CUDA graphs captured at startup (CUDA)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(7088, ge=0, le=65535, description="port to listen on")
     certfile: str | None = Field(None, description="TLS certificate (enables HTTPS with HTTP/2 via ALPN)")
@@ -76,6 +80,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_queue": ("MAX_QUEUE",),
     "max_batch_size": ("MAX_BATCH_SIZE",),
     "prefill_chunk": ("PREFILL_CHUNK",),
+    "max_model_len": ("MAX_MODEL_LEN",),
+    "cuda_graphs": ("CUDA_GRAPHS",),
     "host": ("HOST",),
     "port": ("PORT",),
     "certfile": ("SSL_CERTFILE",),

@@ -80,15 +80,13 @@ class DecodeStep:
         logits of those rows, in that order ([len(slots), vocab], on the model's device)."""
         rows = bucket_of(self.row_buckets, max(slots) + 1)
         columns = bucket_of(self.column_buckets, max(positions) + 1)
-        host = self._host[:, :rows]
-        host[0].zero_()
-        host[1].zero_()
-        host[2].fill_(self._arena.scratch)
+        host = self._host
+        host[:2].zero_()  # padding rows: token 0 at position 0 ...
+        host[2].fill_(self._arena.scratch)  # ... writing to the scratch column
         index = torch.tensor(slots, dtype=torch.long)
         host[0, index] = torch.tensor(tokens, dtype=torch.long)
-        host[1, index] = torch.tensor(positions, dtype=torch.long)
-        host[2, index] = host[1, index]
-        self._inputs[:, :rows].copy_(host, non_blocking=True)
+        host[1, index] = host[2, index] = torch.tensor(positions, dtype=torch.long)
+        self._inputs.copy_(host, non_blocking=True)  # whole buffers: one small contiguous copy
         self._pass(rows, columns)()
         logits = self._logits[:rows]
         if list(slots) == list(range(rows)):

@@ -135,7 +135,10 @@ def load_runner(settings: Settings) -> TransformersRunner:
         model_id=settings.served_model_name or model_id,
         max_batch_size=settings.batch_size,
         eos_token_ids=_eos_ids(model, tokenizer),
+        max_model_len=settings.max_model_len,
+        cuda_graphs=settings.cuda_graphs,
     )
+    logger.info("decoding %s", runner.mode)
     # Now, with the model, rather than in the first JSON-mode request's step, where it would stall the batch.
     runner.guides.prepare()
     return runner
