@@ -73,7 +73,7 @@ _WEYL: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), ``[len(keys), vocab]`` float32: entry ``v`` of row ``r`` is the top 24 bits of
+    """Uniforms in (0, 1), ``[len(keys), vocab]`` float32: entry ``v`` of row ``r`` is the top 23 bits of
     SplitMix64's output at state ``keys[r] + (v + 1) * golden``. int64 products wrap, as the hash wants."""
     weyl = _WEYL.get((keys.device, vocab))
     if weyl is None:
@@ -84,7 +84,8 @@ def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     x ^= _shr(x, 27)
     x *= _signed(_MIX2)
     x ^= _shr(x, 31)
-    return _shr(x, 40).float().add_(0.5).mul_(2.0**-24)
+    # 23 bits, so that n + 0.5 is exact in float32: u lies in [2^-24, 1 - 2^-24], never 0 or 1.
+    return _shr(x, 41).float().add_(0.5).mul_(2.0**-23)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, size: int) -> torch.Tensor:
