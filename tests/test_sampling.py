@@ -177,7 +177,7 @@ def test_a_seeded_sequence_draws_the_same_tokens_in_any_batch_at_any_row() -> No
     ]
     alone = _generate([mine], 24)[0]
     assert len(set(alone)) > 5  # really sampled
-    for batch, row in ((others[:3] + [mine], 3), ([mine, *others], 0), ([*others[3:], mine, *others[:3]], 3)):
+    for batch, row in (([*others[:3], mine], 3), ([mine, *others], 0), ([*others[3:], mine, *others[:3]], 3)):
         assert batch[row] is mine
         assert _generate(batch, 24)[row] == alone
     assert _generate([SamplingParams(**{**_fields(mine), "seed": 1235})], 24)[0] != alone
@@ -211,7 +211,7 @@ def test_noise_is_splitmix64_of_seed_index_and_vocabulary_entry() -> None:
         for v in (0, 1, 2, 511, 999):
             expected = ((splitmix64(key + (v + 1) * 0x9E3779B97F4A7C15) >> 41) + 0.5) / 2**23
             assert uniforms[row, v].item() == expected
-    assert 0.0 < float(uniforms.min()) and float(uniforms.max()) < 1.0
+    assert float(uniforms.min()) > 0.0 and float(uniforms.max()) < 1.0
     assert abs(float(uniforms.mean()) - 0.5) < 0.01
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,11 +65,6 @@ def noise_key(seed: int, index: int) -> int:
     return _signed(_mix64((_mix64(seed & _M64) + index * _GOLDEN) & _M64))
 
 
-def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 patterns (torch's ``>>`` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 _WEYL: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -79,13 +75,14 @@ def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     if weyl is None:
         weyl = _WEYL[keys.device, vocab] = torch.arange(1, vocab + 1, device=keys.device) * _signed(_GOLDEN)
     x = keys.unsqueeze(1) + weyl
-    x ^= _shr(x, 30)
-    x *= _signed(_MIX1)
-    x ^= _shr(x, 27)
-    x *= _signed(_MIX2)
-    x ^= _shr(x, 31)
+    shifted = torch.empty_like(x)  # in place throughout: on the CPU, fresh [rows, vocab] buffers cost more
+    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, 0)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        x ^= shifted.bitwise_and_((1 << (64 - bits)) - 1)  # a logical shift: torch's >> is arithmetic
+        if multiplier:
+            x *= _signed(multiplier)
     # 23 bits, so that n + 0.5 is exact in float32: u lies in [2^-24, 1 - 2^-24], never 0 or 1.
-    return _shr(x, 41).float().add_(0.5).mul_(2.0**-23)
+    return x.bitwise_right_shift_(41).bitwise_and_((1 << 23) - 1).float().add_(0.5).mul_(2.0**-23)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, size: int) -> torch.Tensor:
@@ -171,10 +168,20 @@ def _put(tensor: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor) -
         tensor.copy_(rows)
 
 
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """Sampled rows whose top-k/top-p threshold comes from one ``width``-wide ranking of their scores."""
+
+    name: str
+    rows: list[int]
+    width: int
+    top_p: bool
+
+
 class _Plan:
     """One call's work, sorted on the host: which rows need which step, and their parameters, uploaded.
 
-    Row lists index the batch, except ``cut`` which indexes the sampled rows. An index tensor is None
+    Row lists index the batch, except the cuts' which index the sampled rows. An index tensor is None
     where its list is every row it could hold, so the step works in place without a gather.
     """
 
@@ -198,12 +205,18 @@ class _Plan:
         self.count = [i for i, s in enumerate(samplers) if s.counts is not None]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
         sampled = [params[i] for i in self.sampled]
-        self.cut = [j for j, p in enumerate(sampled) if 0 < p.top_k < vocab or p.top_p < 1.0]
-        cut = [sampled[j] for j in self.cut]
-        self.top_k = any(0 < p.top_k < vocab for p in cut)
-        self.top_p = any(p.top_p < 1.0 for p in cut)
-        # Top-p needs the candidates sorted: only the k best of each row when every row has a top-k.
-        self.cut_width = vocab if any(not 0 < p.top_k < vocab for p in cut) else max((p.top_k for p in cut), default=0)
+        # Top-k and top-p need each row's candidates in order: the k best where a row has a top-k
+        # ("ranked"), else the whole row sorted ("sorted", top-p alone).
+        ranked = [j for j, p in enumerate(sampled) if 0 < p.top_k < vocab]
+        by_top_p = [j for j, p in enumerate(sampled) if p.top_p < 1.0 and not 0 < p.top_k < vocab]
+        self.cuts = [
+            _Cut(name, rows, width, top_p=any(sampled[j].top_p < 1.0 for j in rows))
+            for name, rows, width in (
+                ("ranked", ranked, max((sampled[j].top_k for j in ranked), default=0)),
+                ("sorted", by_top_p, vocab),
+            )
+            if rows
+        ]
         self.min_p = any(p.min_p > 0.0 for p in sampled)
         bias = [(i, token, value) for i, s in enumerate(samplers) for token, value in s.bias]
         # min_tokens: EOS held back by -inf, or, under a grammar, in the bitmask (`_grammar_mask`).
@@ -220,14 +233,15 @@ class _Plan:
                 ("repeat", self.repeat, self.rows),
                 ("count", self.count, self.rows),
                 ("sampled", self.sampled, self.rows),
-                ("cut", self.cut, len(self.sampled)),
+                ("ranked", ranked, len(self.sampled)),
+                ("sorted", by_top_p, len(self.sampled)),
                 ("guided", self.guided, self.rows),
             )
             if len(rows) != whole
         }
         at = {
             "keys": up.ints(noise_key(samplers[i].seed, samplers[i].generated) for i in self.sampled),
-            "top_k": up.ints(p.top_k if 0 < p.top_k < vocab else self.cut_width for p in cut),
+            "top_k": up.ints(sampled[j].top_k for j in ranked),
             "bias_rows": up.ints(i for i, _, _ in bias),
             "bias_ids": up.ints(token for _, token, _ in bias),
             "no_eos_rows": up.ints(i for i, _ in no_eos),
@@ -239,7 +253,9 @@ class _Plan:
             "frequency": up.floats(params[i].frequency_penalty for i in self.count),
             "bias": up.floats(value for _, _, value in bias),
             "temperature": up.floats(p.temperature for p in sampled),
-            "top_p": up.floats(p.top_p if p.top_p < 1.0 else 2.0 for p in cut),  # 2: never reached
+            # 2.0: a top-p never reached, for ranked rows without one
+            "ranked_top_p": up.floats(sampled[j].top_p if sampled[j].top_p < 1.0 else 2.0 for j in ranked),
+            "sorted_top_p": up.floats(sampled[j].top_p for j in by_top_p),
             "min_p": up.floats(p.min_p for p in sampled),
         }
         ints, reals = up.send(self.device)
@@ -307,21 +323,23 @@ def _filtered(scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """Step 5 for the sampled rows: their scores divided by the temperature, -inf outside the candidates
     that top-k, then top-p, then min-p leave (ties with the last candidate stay)."""
     rows = _take(scores, plan.index.get("sampled")) / plan.float["temperature"].unsqueeze(1)
-    if plan.cut:
-        index = plan.index.get("cut")
-        cut = _take(rows, index)
-        width = plan.cut_width
-        best = cut.topk(width, dim=1).values if width < plan.vocab else cut.sort(dim=1, descending=True).values
-        if plan.top_k:  # rows without a top-k have k = width: their threshold is their lowest candidate
+    for cut in plan.cuts:
+        index = plan.index.get(cut.name)
+        part = _take(rows, index)
+        if cut.width < plan.vocab:  # ranked: top-k, then top-p among the k best
+            best = part.topk(cut.width, dim=1).values
             kth = best.gather(1, plan.int["top_k"].unsqueeze(1) - 1)
-            cut = cut.masked_fill(cut < kth, float("-inf"))
+            part = part.masked_fill(part < kth, float("-inf"))
             best = best.masked_fill(best < kth, float("-inf"))
-        if plan.top_p:  # keep a token while the tokens before it hold less than top_p of the mass
+        else:
+            best = part.sort(dim=1, descending=True).values
+        if cut.top_p:  # keep a token while the tokens before it hold less than top_p of the mass
             probs = best.softmax(dim=1)
-            keep = (probs.cumsum(dim=1) - probs < plan.float["top_p"].unsqueeze(1)) & (best > float("-inf"))
+            top_p = plan.float[f"{cut.name}_top_p"].unsqueeze(1)
+            keep = (probs.cumsum(dim=1) - probs < top_p) & (best > float("-inf"))
             last = best.gather(1, (keep.sum(dim=1, keepdim=True) - 1).clamp(min=0))
-            cut = cut.masked_fill(cut < last, float("-inf"))
-        _put(rows, index, cut)
+            part = part.masked_fill(part < last, float("-inf"))
+        _put(rows, index, part)
     if plan.min_p:  # p < min_p * p_max  <=>  score < max + log(min_p); min_p = 0 gives -inf, a no-op
         floor = rows.amax(dim=1, keepdim=True) + plan.float["min_p"].log().unsqueeze(1)
         rows = rows.masked_fill(rows < floor, float("-inf"))
