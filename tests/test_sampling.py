@@ -343,3 +343,14 @@ def test_top_logprobs_are_the_most_likely() -> None:
     (token,) = sample_rows(logits.unsqueeze(0), [sampler(temperature=0.0, logprobs=3)], NO_EOS)
     assert [i for i, _ in token.top_logprobs] == [VOCAB - 1, VOCAB - 2, VOCAB - 3]
     assert token.logprob == token.top_logprobs[0][1] < 0
+
+
+def test_the_callers_float32_logits_are_never_written() -> None:
+    # Without penalties the pass works on the caller's tensor itself (no copy): every step must read it only.
+    logits = torch.randn(5, VOCAB)
+    before = logits.clone()
+    batch = [sampler(top_k=3), sampler(top_p=0.5), sampler(min_p=0.2), sampler(), sampler(temperature=0.0)]
+    for _ in range(3):
+        sample_rows(logits, batch, NO_EOS)
+        scores(logits, batch, NO_EOS)
+    assert torch.equal(logits, before)
