@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioserve import sampling
-from trioserve.sampling import SequenceSampler, noise_key, sample_rows, scores
+from trioserve import noise, sampling
+from trioserve.sampling import SequenceSampler, sample_rows, scores
 from trioserve.types import SampledToken, SamplingParams
 
 VOCAB = 32
@@ -205,8 +205,8 @@ def test_noise_is_splitmix64_of_seed_index_and_vocabulary_entry() -> None:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         return z ^ (z >> 31)
 
-    keys = [noise_key(seed, index) for seed, index in ((0, 0), (7, 3), (2**62, 10**6), (-5, 1))]
-    uniforms = sampling._uniforms(torch.tensor(keys), 1000)
+    keys = [noise.key(seed, index) for seed, index in ((0, 0), (7, 3), (2**62, 10**6), (-5, 1))]
+    uniforms = noise.uniforms(torch.tensor(keys), 1000)
     for row, key in enumerate(keys):
         for v in (0, 1, 2, 511, 999):
             expected = ((splitmix64(key + (v + 1) * 0x9E3779B97F4A7C15) >> 41) + 0.5) / 2**23

@@ -37,53 +37,13 @@ from typing import TYPE_CHECKING
 import numpy
 import torch
 
+from trioserve import noise
 from trioserve.types import SampledToken, SamplingParams
 
 if TYPE_CHECKING:  # the runner builds guides; sampling only calls them
     from trioserve.guided import Guide
 
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 _BITS32 = torch.arange(32, dtype=torch.int32)
-
-
-def _signed(value: int) -> int:
-    """A 64-bit pattern as the int64 that holds it."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _mix64(z: int) -> int:
-    """SplitMix64's finaliser, on Python ints (the device version is `_uniforms`)."""
-    z = ((z ^ (z >> 30)) * _MIX1) & _M64
-    z = ((z ^ (z >> 27)) * _MIX2) & _M64
-    return z ^ (z >> 31)
-
-
-def noise_key(seed: int, index: int) -> int:
-    """The key of the noise for a sequence's ``index``-th token: a hash of (seed, index), as an int64."""
-    return _signed(_mix64((_mix64(seed & _M64) + index * _GOLDEN) & _M64))
-
-
-_WEYL: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), ``[len(keys), vocab]`` float32: entry ``v`` of row ``r`` is the top 23 bits of
-    SplitMix64's output at state ``keys[r] + (v + 1) * golden``. int64 products wrap, as the hash wants."""
-    weyl = _WEYL.get((keys.device, vocab))
-    if weyl is None:
-        weyl = _WEYL[keys.device, vocab] = torch.arange(1, vocab + 1, device=keys.device) * _signed(_GOLDEN)
-    x = keys.unsqueeze(1) + weyl
-    shifted = torch.empty_like(x)  # in place throughout: on the CPU, fresh [rows, vocab] buffers cost more
-    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, 0)):
-        torch.bitwise_right_shift(x, bits, out=shifted)
-        x ^= shifted.bitwise_and_((1 << (64 - bits)) - 1)  # a logical shift: torch's >> is arithmetic
-        if multiplier:
-            x *= _signed(multiplier)
-    # 23 bits, so that n + 0.5 is exact in float32: u lies in [2^-24, 1 - 2^-24], never 0 or 1.
-    return x.bitwise_right_shift_(41).bitwise_and_((1 << 23) - 1).float().add_(0.5).mul_(2.0**-23)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,7 +201,7 @@ class _Plan:
             if len(rows) != whole
         }
         at = {
-            "keys": up.ints(noise_key(samplers[i].seed, samplers[i].generated) for i in self.sampled),
+            "keys": up.ints(noise.key(samplers[i].seed, samplers[i].generated) for i in self.sampled),
             "top_k": up.ints(sampled[j].top_k for j in ranked),
             "bias_rows": up.ints(i for i, _, _ in bias),
             "bias_ids": up.ints(token for _, token, _ in bias),
@@ -384,6 +344,14 @@ def sample_rows(
     columns past the samplers' vocabulary are never picked) and records it in the row's sampler."""
     if not samplers:
         return []
+    if all(s.plain and s.params.greedy and s.params.logprobs is None for s in samplers):
+        # The common plain greedy batch, without the plan's bookkeeping: one argmax, one copy.
+        if logits.shape[1] < samplers[0].vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns for a vocabulary of {samplers[0].vocab_size}")
+        ids = _to_host(logits[:, : samplers[0].vocab_size].argmax(dim=1))
+        for sampler in samplers:
+            sampler.generated += 1
+        return [SampledToken(int(token)) for token in ids]
     plan = _Plan(logits, samplers, eos_token_ids)
     tokens = _choose(logits, plan)
     parts = [tokens.to(torch.float64)]  # token ids are exact in float64; so are float32 logprobs
@@ -406,25 +374,11 @@ def _choose(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
     if not plan.sampled:
         tokens = penalised.argmax(dim=1)
     else:
-        drawn = _draw(_filtered(penalised, plan), plan.float["temperature"], plan.int["keys"])
+        drawn = noise.draw(_filtered(penalised, plan), plan.float["temperature"], plan.int["keys"])
         sampled = plan.index.get("sampled")
         tokens = drawn if sampled is None else penalised.argmax(dim=1).index_copy_(0, sampled, drawn)
     _record_on_device(plan, tokens)
     return tokens
-
-
-def _draw(filtered: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``argmax(filtered / T + Gumbel noise)`` of each row: a draw from ``softmax(filtered / T)``. On the CPU in
-    blocks of 8 rows: whole-batch int64 temporaries (16 MB at 64 x 32k) miss the caches and page-fault,
-    2.7x slower there; on a GPU one block."""
-    block = filtered.shape[0] if filtered.device.type != "cpu" else 8
-    drawn = []
-    for start in range(0, filtered.shape[0], block):
-        uniforms = _uniforms(keys[start : start + block], filtered.shape[1])
-        gumbel = uniforms.log_().neg_().log_().neg_()  # -log(-log u), so argmax(s + g) = argmax(p / E)
-        tempered = filtered[start : start + block] / temperature[start : start + block].unsqueeze(1)
-        drawn.append((tempered + gumbel).argmax(dim=1))
-    return drawn[0] if len(drawn) == 1 else torch.cat(drawn)
 
 
 def _record_on_device(plan: _Plan, tokens: torch.Tensor) -> None:
