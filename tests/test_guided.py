@@ -184,3 +184,42 @@ async def test_a_model_without_grammar_support_answers_400_before_admission(chat
         assert caught.value.param == "response_format"
         assert engine.active == 0
         nursery.cancel_scope.cancel()
+
+
+def test_guided_rows_share_one_batch_mask_each_keeping_its_own_grammar(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    # Three grammars and an unconstrained row in one batch: each row's tokens are those it draws alone.
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    vocab = len(hf_tokenizer)
+    schemas: list[dict[str, object] | None] = [
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+        None,
+        {"enum": ["ab", "cd", "efg"]},
+        {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]},
+    ]
+
+    def run(indexes: list[int]) -> dict[int, list[int]]:
+        samplers = {}
+        for i in indexes:
+            grammar = None if schemas[i] is None else json_grammar(schemas[i])  # type: ignore[arg-type]
+            params = SamplingParams(seed=i, temperature=0.8, grammar=grammar)
+            samplers[i] = SequenceSampler(params, (), vocab, CPU, None if grammar is None else guides.guide(grammar))
+        tokens: dict[int, list[int]] = {i: [] for i in indexes}
+        for step in range(40):
+            live = [i for i in indexes if not tokens[i] or tokens[i][-1] != eos]
+            if not live:
+                break
+            logits = torch.stack(
+                [torch.randn(vocab, generator=torch.Generator().manual_seed(step * 10 + i)) for i in live]
+            )
+            for i, token in zip(live, sample_rows(logits, [samplers[i] for i in live], frozenset({eos})), strict=True):
+                tokens[i].append(token.token_id)
+        return tokens
+
+    together = run([0, 1, 2, 3])
+    for i in range(4):
+        assert run([i])[i] == together[i]
+    for i in (0, 2, 3):
+        assert together[i][-1] == eos
+        json.loads(hf_tokenizer.decode(together[i][:-1]))

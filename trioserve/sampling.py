@@ -10,9 +10,10 @@ vLLM):
 3. logit bias;
 4. the grammar's mask (``response_format``; llguidance fills one ``[rows, vocab / 32]`` bitmask), and
    min_tokens holding EOS back (while the grammar allows something else);
-5. greedy rows take the argmax here. Sampled rows go on: temperature, then top-k, top-p and min-p set
-   what is outside a row's candidates to -inf, and the token is ``argmax(scores + Gumbel noise)``: the
-   exponential race ``argmax(p / E)`` in log space, an exact draw from the filtered distribution.
+5. greedy rows take the argmax here. Sampled rows go on: top-k, then top-p, then min-p (each on the
+   distribution at the row's temperature) set what is outside the row's candidates to -inf, and the
+   token is ``argmax(scores / temperature + Gumbel noise)`` (`noise.draw`): the exponential race
+   ``argmax(p / E)`` in log space, an exact draw from the filtered distribution.
 
 A step runs only on the rows that need it (gathered by index), so a batch of plain greedy rows costs one
 argmax. Per-sequence state lives on the device: a ``[vocab]`` seen-mask and counts where penalties ask for
@@ -43,13 +44,12 @@ from trioserve.types import SampledToken, SamplingParams
 if TYPE_CHECKING:  # the runner builds guides; sampling only calls them
     from trioserve.guided import Guide
 
-_BITS32 = torch.arange(32, dtype=torch.int32)
-
 
 def unpack_bitmask(bitmask: torch.Tensor, size: int) -> torch.Tensor:
     """Booleans ``[rows, size]`` from llguidance's int32 bitmask ``[rows, words]`` (token *i* at bit
     ``i % 32`` of word ``i // 32``); entries past the mask's end are False."""
-    bits = ((bitmask.unsqueeze(-1) >> _BITS32.to(bitmask.device)) & 1).flatten(1).bool()
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
     if bits.shape[1] < size:
         return torch.nn.functional.pad(bits, (0, size - bits.shape[1]))
     return bits[:, :size]
@@ -107,12 +107,14 @@ class _Upload:
         return slice(start, len(self._floats))
 
     def send(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """At most two host-to-device copies; none for an empty list."""
+        """At most two host-to-device copies, none for an empty list; from pinned memory to a GPU, so the
+        host does not wait for them."""
+        pin = device.type == "cuda"
         ints = torch.tensor(self._ints, dtype=torch.long)
         floats = torch.tensor(self._floats, dtype=torch.float32)
         return (
-            ints.to(device, non_blocking=True) if self._ints else ints,
-            floats.to(device, non_blocking=True) if self._floats else floats,
+            (ints.pin_memory() if pin else ints).to(device, non_blocking=True) if self._ints else ints,
+            (floats.pin_memory() if pin else floats).to(device, non_blocking=True) if self._floats else floats,
         )
 
 
@@ -288,8 +290,8 @@ def _penalised(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 def _filtered(scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """Step 5 for the sampled rows: their scores, -inf outside the candidates that top-k, then top-p, then
-    min-p leave (ties with the last candidate stay). Not yet divided by the temperature (`_draw` does it,
-    block by block): only top-p's softmax and min-p's floor need it, on far fewer values."""
+    min-p leave (ties with the last candidate stay). Not yet divided by the temperature: `noise.draw` does
+    that, block by block; here only top-p's softmax and min-p's floor need it."""
     rows = _take(scores, plan.index.get("sampled"))  # maybe the caller's logits: replaced, never written
     for cut in plan.cuts:
         index = plan.index.get(cut.name)
