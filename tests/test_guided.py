@@ -223,3 +223,30 @@ def test_guided_rows_share_one_batch_mask_each_keeping_its_own_grammar(
     for i in (0, 2, 3):
         assert together[i][-1] == eos
         json.loads(hf_tokenizer.decode(together[i][:-1]))
+
+
+class PanicException(BaseException):  # the name pyo3 gives a Rust panic, which guided matches
+    """Stands for ``pyo3_runtime.PanicException``."""
+
+
+class _PanickingMatcher:
+    """Stands for an llguidance matcher whose Rust code panics while computing the mask."""
+
+    def is_error(self) -> bool:
+        return False
+
+    def compute_bitmask(self) -> bytes:
+        raise PanicException("index out of bounds")
+
+
+def test_a_panicking_matcher_ends_its_row_with_eos_and_spares_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    vocab, eos = 100, 7
+    guide = Guide(_PanickingMatcher(), eos)  # type: ignore[arg-type]
+    panicking = SequenceSampler(SamplingParams(seed=1), (), vocab, CPU, guide)
+    other = SequenceSampler(SamplingParams(temperature=0.0), (), vocab, CPU)
+    logits = torch.zeros(2, vocab)
+    logits[:, 50] = 10.0
+    first, second = sample_rows(logits, [panicking, other], frozenset({eos}))
+    assert first.token_id == eos and second.token_id == 50
+    assert guide.failed
+    assert "panicked" in caplog.text

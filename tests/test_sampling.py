@@ -183,6 +183,17 @@ def test_a_seeded_sequence_draws_the_same_tokens_in_any_batch_at_any_row() -> No
     assert _generate([SamplingParams(**{**_fields(mine), "seed": 1235})], 24)[0] != alone
 
 
+MINE = SamplingParams(seed=99, temperature=1.1, top_k=12, min_p=0.02, frequency_penalty=0.4, logprobs=1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(others=st.lists(st.one_of(greedy_params, sampled_params), max_size=6), position=st.integers(0, 6))
+def test_seeded_tokens_do_not_depend_on_the_batch(others: list[SamplingParams], position: int) -> None:
+    row = min(position, len(others))
+    batch = [*others[:row], MINE, *others[row:]]
+    assert _generate(batch, 12)[row] == _generate([MINE], 12)[0]
+
+
 def test_same_seed_same_tokens_and_global_rng_untouched() -> None:
     state = torch.get_rng_state()
     first = draw(sampler(seed=7), flat_logits(), 20)
