@@ -7,6 +7,10 @@ warm-up calls) for three batches: all plain greedy; all default sampling (temper
 mix cycling through greedy, top-p, top-k + top-p, min-p, penalties with logit bias, and top logprobs. The
 old implementation is read from git (`OLD`, the last commit before the rewrite) and imported as a module.
 Grammar masks are left out: they need a tokenizer with this vocabulary.
+
+On a shared CPU, run with ``--threads 1`` for the algorithmic comparison: the batched ops are large enough
+for torch to split them over its threads (the old row-by-row ones mostly were not), and when the other
+core is busy each such split waits for the scheduler to run the second thread (a few ms).
 """
 
 from __future__ import annotations
