@@ -277,7 +277,8 @@ def _penalised(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
         rows = rows - plan.float["presence"].unsqueeze(1) * (plan.counts > 0).to(rows.dtype)
         _put(scores, index, rows)
     if plan.has_bias:
-        scores.index_put_((plan.int["bias_rows"], plan.int["bias_ids"]), plan.float["bias"], accumulate=True)
+        where = (plan.int["bias_rows"], plan.int["bias_ids"])  # distinct pairs: no accumulating put needed
+        scores.index_put_(where, scores[where] + plan.float["bias"])
     if plan.has_no_eos:
         minus_inf = torch.full((), float("-inf"), device=plan.device)
         scores.index_put_((plan.int["no_eos_rows"], plan.int["no_eos_ids"]), minus_inf)
@@ -389,8 +390,9 @@ def _record_on_device(plan: _Plan, tokens: torch.Tensor) -> None:
         if stack is None:
             continue
         where = (torch.arange(len(rows), device=plan.device), _take(tokens, plan.index.get(name)))
-        one = torch.ones((), dtype=stack.dtype, device=plan.device)
-        stack.index_put_(where, one, accumulate=stack.dtype != torch.bool)  # seen: set; counts: add
+        # One token per row: distinct pairs, so a plain put (no accumulating one) does it.
+        seen = torch.ones((), dtype=torch.bool, device=plan.device)
+        stack.index_put_(where, stack[where] + 1 if stack is plan.counts else seen)
         for i, row in zip(rows, stack.unbind(0), strict=True):
             if stack is plan.seen:
                 plan.samplers[i].seen = row
