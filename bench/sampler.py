@@ -49,24 +49,37 @@ BATCHES = {
 }
 
 
-def load_old() -> ModuleType:
+def load_old(name: str) -> ModuleType:
+    """``trioserve/<name>.py`` as it was at `OLD`, imported as ``old_<name>``."""
     source = subprocess.run(
-        ["git", "show", f"{OLD}:trioserve/sampling.py"], check=True, capture_output=True, text=True
+        ["git", "show", f"{OLD}:trioserve/{name}.py"], check=True, capture_output=True, text=True
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "old_sampling.py"
+    path = Path(tempfile.mkdtemp()) / f"old_{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_sampling", path)
+    spec = importlib.util.spec_from_file_location(f"old_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def time_calls(module: Any, params: Sequence[SamplingParams], rows: int, vocab: int, steps: int, device: str) -> float:
-    """Median milliseconds of one `sample_rows` call over ``rows`` sequences cycling through ``params``."""
+def time_calls(
+    module: Any,
+    params: Sequence[SamplingParams],
+    rows: int,
+    vocab: int,
+    steps: int,
+    device: str,
+    guide: Callable[[], Any] | None = None,
+) -> float:
+    """Median milliseconds of one `sample_rows` call over ``rows`` sequences cycling through ``params``,
+    each with a fresh guide from ``guide`` if given."""
     dev = torch.device(device)
     prompt = tuple(range(0, 400, 3))
-    samplers = [module.SequenceSampler(params[i % len(params)], prompt, vocab, dev) for i in range(rows)]
+    samplers = [
+        module.SequenceSampler(params[i % len(params)], prompt, vocab, dev, guide() if guide else None)
+        for i in range(rows)
+    ]
     generator = torch.Generator().manual_seed(0)
     logits = [torch.randn(rows, vocab, generator=generator).to(dev) * 3 for _ in range(4)]
     sample: Callable[..., Any] = module.sample_rows
@@ -89,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--grammar", action="store_true", help="also rows under a JSON grammar (16k vocabulary)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    old = load_old()
+    old = load_old("sampling")
     print(
         f"sample_rows, ms per call (median of {args.steps}), vocab {args.vocab}, device {args.device}, "
         f"{torch.get_num_threads()} torch threads"
@@ -104,7 +118,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             before = time_calls(old, params, rows, args.vocab, args.steps, args.device)
             after = time_calls(sampling, params, rows, args.vocab, args.steps, args.device)
             print(f"| {name} | {rows} | {before:.2f} | {after:.2f} | {before / after:.1f}x |", flush=True)
+    if args.grammar:
+        grammar_rows(old, args.steps, args.device)
     return 0
+
+
+def grammar_rows(old: ModuleType, steps: int, device: str) -> None:
+    """Sampled rows, each under a JSON grammar that stays open (a long string), with the bench model's
+    tokenizer (16k vocabulary): the masks' cost, old guides (a bytes mask each) against new ones (a row of
+    the batch's bitmask each)."""
+    from trioserve.guided import GuideFactory, json_grammar
+    from trioserve.tinymodel import build_tokenizer
+
+    tokenizer = build_tokenizer(16384)
+    vocab, eos = len(tokenizer), frozenset({int(tokenizer.convert_tokens_to_ids("<|im_end|>"))})
+    grammar = json_grammar({"type": "string", "minLength": 5000})
+    factories = {
+        "new": GuideFactory(tokenizer, vocab, eos),
+        "old": load_old("guided").GuideFactory(tokenizer, vocab, eos),
+    }
+    params = [SamplingParams(grammar=grammar)]
+    for rows in (1, 16, 64):
+        before = time_calls(old, params, rows, vocab, steps, device, lambda: factories["old"].guide(grammar))
+        after = time_calls(sampling, params, rows, vocab, steps, device, lambda: factories["new"].guide(grammar))
+        print(
+            f"| json grammar, vocab {vocab} | {rows} | {before:.2f} | {after:.2f} | {before / after:.1f}x |", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -250,3 +250,27 @@ def test_a_panicking_matcher_ends_its_row_with_eos_and_spares_the_others(caplog:
     assert first.token_id == eos and second.token_id == 50
     assert guide.failed
     assert "panicked" in caplog.text
+
+
+@pytest.mark.parametrize(("table", "rows"), [(288, 288), (320, 280), (300, 300)])
+def test_masks_fit_vocabularies_32_divides_and_tokenizers_wider_than_the_model(
+    hf_tokenizer: PreTrainedTokenizerBase, table: int, rows: int
+) -> None:
+    # llguidance wants ceil(n / 32) words, and says n // 32 + 1 when asked (one more for 288 or 32000
+    # tokens); a table wider than the model's rows (``table`` > ``rows``) is cut to the rows.
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    factory = GuideFactory(hf_tokenizer, table, frozenset({eos}))
+    grammar = json_grammar({"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2})
+    sampler = SequenceSampler(SamplingParams(seed=3, grammar=grammar), (), rows, CPU, factory.guide(grammar))
+    tokens: list[int] = []
+    while not tokens or tokens[-1] != eos:
+        (token,) = sample_rows(torch.zeros(1, rows), [sampler], frozenset({eos}))
+        tokens.append(token.token_id)
+    assert json.loads(hf_tokenizer.decode(tokens[:-1])) in (
+        [True],
+        [False],
+        [True, True],
+        [False, False],
+        [True, False],
+        [False, True],
+    )

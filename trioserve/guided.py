@@ -78,7 +78,7 @@ class Guide:
     def __init__(self, matcher: LLMatcher | None, eos_token_id: int) -> None:
         self._matcher: LLMatcher | None = matcher
         self._eos_token_id = eos_token_id
-        self._words: int | None = None  # bitmask words the matcher fills, learnt on first use
+        self._buffer: torch.Tensor | None = None  # the matcher's mask, sized on first use (`_mask`)
         self._check()
 
     @property
@@ -91,16 +91,12 @@ class Guide:
         value is complete, or the matcher failed, only EOS."""
         if self._matcher is not None:
             try:
-                if self._words is None:  # the matcher's vocabulary is its tokenizer's, maybe wider
-                    self._words = len(self._matcher.compute_bitmask()) // 4
-                if self._words == bitmask.shape[1]:
-                    self._fill(bitmask[row])
-                else:  # tokens past the model's vocabulary cannot be sampled: cut them off
-                    own = torch.zeros(self._words, dtype=torch.int32)
-                    self._fill(own)
-                    bitmask[row] = 0
-                    width = min(self._words, bitmask.shape[1])
-                    bitmask[row, :width] = own[:width]
+                mask = self._mask()
+                # Widths differ when the tokenizer has more tokens than the model's vocabulary: those
+                # cannot be sampled, so they are cut off.
+                width = min(mask.numel(), bitmask.shape[1])
+                bitmask[row, :width] = mask[:width]
+                bitmask[row, width:] = 0
             except BaseException as exc:
                 self._fail(exc)
             else:
@@ -121,12 +117,28 @@ class Guide:
         else:
             self._check()
 
-    def _fill(self, words: torch.Tensor) -> None:
-        """What ``llguidance.torch.fill_next_token_bitmask`` does, without importing that module (it compiles
-        a kernel with ``torch.compile`` at import, pulling in inductor)."""
-        assert self._matcher is not None and words.dtype == torch.int32 and words.device.type == "cpu"
-        assert words.is_contiguous()
-        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+    def _mask(self) -> torch.Tensor:
+        """The matcher's next mask in this guide's own buffer (int32 words), filled the way
+        ``llguidance.torch.fill_next_token_bitmask`` does, without importing that module (it compiles a
+        kernel with ``torch.compile`` at import, pulling in inductor).
+
+        llguidance checks the buffer's size without saying it: ``ceil(n / 32)`` words for its ``n``
+        tokens, while ``compute_bitmask`` returns ``n // 32 + 1`` (one word more when 32 divides ``n``,
+        as in most real vocabularies), so the first call finds out which."""
+        assert self._matcher is not None
+        if self._buffer is not None:
+            self._matcher.unsafe_compute_mask_ptr(self._buffer.data_ptr(), self._buffer.numel() * 4)
+            return self._buffer
+        whole = len(self._matcher.compute_bitmask()) // 4
+        for words in (whole - 1, whole):
+            buffer = torch.zeros(words, dtype=torch.int32)
+            try:
+                self._matcher.unsafe_compute_mask_ptr(buffer.data_ptr(), words * 4)
+            except ValueError:  # "Invalid buffer size"
+                continue
+            self._buffer = buffer
+            return buffer
+        raise RuntimeError(f"llguidance takes no mask of {whole - 1} or {whole} words")
 
     def _check(self) -> bool:
         if self._matcher is not None and self._matcher.is_error():
