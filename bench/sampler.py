@@ -1,12 +1,13 @@
 """Micro-benchmark of `sample_rows`: the batched sampler against the row-by-row one it replaced.
 
-    python -m bench.sampler [--vocab 32000] [--steps 30] [--device cpu] [--threads N]
+    python -m bench.sampler [--vocab 32000] [--steps 30] [--device cpu] [--threads N] [--grammar]
 
 For 1, 16 and 64 rows it times one call (median over ``--steps`` calls on fresh samplers, after two
 warm-up calls) for three batches: all plain greedy; all default sampling (temperature 1, seeded); and a
 mix cycling through greedy, top-p, top-k + top-p, min-p, penalties with logit bias, and top logprobs. The
 old implementation is read from git (`OLD`, the last commit before the rewrite) and imported as a module.
-Grammar masks are left out: they need a tokenizer with this vocabulary.
+``--grammar`` adds sampled rows under a JSON grammar, with the bench model's 16k tokenizer (old guides
+from `OLD`'s guided.py against the new ones).
 
 On a shared CPU, run with ``--threads 1`` for the algorithmic comparison: the batched ops are large enough
 for torch to split them over its threads (the old row-by-row ones mostly were not), and when the other
