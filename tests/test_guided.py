@@ -17,19 +17,32 @@ from tests.strategies import SCHEMA_KEYWORDS, schemas
 from trioserve.chat import ChatService
 from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest
-from trioserve.guided import GuideFactory, json_grammar
+from trioserve.guided import Guide, GuideFactory, json_grammar
 from trioserve.protocol import ChatCompletionRequest
-from trioserve.sampling import SequenceSampler, sample_rows, unpack_mask
+from trioserve.sampling import SequenceSampler, sample_rows, unpack_bitmask
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import SamplingParams
 
 CPU = torch.device("cpu")
 
 
-@given(st.binary(max_size=40), st.integers(min_value=0, max_value=400))
-def test_unpack_mask_reads_little_endian_bits(mask: bytes, size: int) -> None:
-    expected = [i < len(mask) * 8 and bool(mask[i // 8] >> (i % 8) & 1) for i in range(size)]
-    assert unpack_mask(mask, size).tolist() == expected
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=12), st.integers(0, 400))
+def test_unpack_bitmask_reads_llguidance_layout(words: list[int], size: int) -> None:
+    expected = [i < len(words) * 32 and bool(words[i // 32] >> (i % 32) & 1) for i in range(size)]
+    bitmask = torch.tensor([words, words[::-1]], dtype=torch.int32)
+    unpacked = unpack_bitmask(bitmask, size)
+    assert unpacked[0].tolist() == expected
+    assert unpacked[1].tolist() == [
+        i < len(words) * 32 and bool(words[::-1][i // 32] >> (i % 32) & 1) for i in range(size)
+    ]
+
+
+def allowed(guide: Guide, vocab: int) -> list[int]:
+    """The tokens ``guide`` allows next, read through a batch bitmask as sampling does (in row 1 of 3)."""
+    bitmask = torch.full((3, (vocab + 31) // 32), -1, dtype=torch.int32)
+    guide.fill_bitmask(bitmask, 1)
+    assert bitmask[0].eq(-1).all() and bitmask[2].eq(-1).all(), "other rows untouched"
+    return unpack_bitmask(bitmask, vocab)[1].nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize(
@@ -110,11 +123,11 @@ def test_guides_for_one_grammar_are_independent(hf_tokenizer: PreTrainedTokenize
     (a, c) = (hf_tokenizer.encode(x, add_special_tokens=False)[0] for x in "ac")
     first.advance(quote)
     first.advance(a)
-    assert not unpack_mask(first.allowed(), len(hf_tokenizer))[c]
+    assert c not in allowed(first, len(hf_tokenizer))
     second.advance(quote)
-    assert unpack_mask(second.allowed(), len(hf_tokenizer))[c]
+    assert c in allowed(second, len(hf_tokenizer))
     third = guides.guide(grammar)
-    assert unpack_mask(third.allowed(), len(hf_tokenizer)).nonzero().flatten().tolist() == [quote]
+    assert allowed(third, len(hf_tokenizer)) == [quote]
 
 
 def test_a_token_the_grammar_refuses_ends_the_sequence_with_eos(
@@ -123,10 +136,10 @@ def test_a_token_the_grammar_refuses_ends_the_sequence_with_eos(
     eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
     guide = guides.guide(json_grammar({"type": "object"}))
     (letter,) = hf_tokenizer.encode("x", add_special_tokens=False)
-    assert not unpack_mask(guide.allowed(), len(hf_tokenizer))[letter]
+    assert letter not in allowed(guide, len(hf_tokenizer))
     guide.advance(letter)  # what a caller bypassing the mask would do
     assert guide.failed
-    assert unpack_mask(guide.allowed(), len(hf_tokenizer)).nonzero().flatten().tolist() == [eos]
+    assert allowed(guide, len(hf_tokenizer)) == [eos]
 
 
 @settings(max_examples=300, deadline=None)
@@ -171,3 +184,93 @@ async def test_a_model_without_grammar_support_answers_400_before_admission(chat
         assert caught.value.param == "response_format"
         assert engine.active == 0
         nursery.cancel_scope.cancel()
+
+
+def test_guided_rows_share_one_batch_mask_each_keeping_its_own_grammar(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    # Three grammars and an unconstrained row in one batch: each row's tokens are those it draws alone.
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    vocab = len(hf_tokenizer)
+    schemas: list[dict[str, object] | None] = [
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+        None,
+        {"enum": ["ab", "cd", "efg"]},
+        {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]},
+    ]
+
+    def run(indexes: list[int]) -> dict[int, list[int]]:
+        samplers = {}
+        for i in indexes:
+            grammar = None if schemas[i] is None else json_grammar(schemas[i])  # type: ignore[arg-type]
+            params = SamplingParams(seed=i, temperature=0.8, grammar=grammar)
+            samplers[i] = SequenceSampler(params, (), vocab, CPU, None if grammar is None else guides.guide(grammar))
+        tokens: dict[int, list[int]] = {i: [] for i in indexes}
+        for step in range(40):
+            live = [i for i in indexes if not tokens[i] or tokens[i][-1] != eos]
+            if not live:
+                break
+            logits = torch.stack(
+                [torch.randn(vocab, generator=torch.Generator().manual_seed(step * 10 + i)) for i in live]
+            )
+            for i, token in zip(live, sample_rows(logits, [samplers[i] for i in live], frozenset({eos})), strict=True):
+                tokens[i].append(token.token_id)
+        return tokens
+
+    together = run([0, 1, 2, 3])
+    for i in range(4):
+        assert run([i])[i] == together[i]
+    for i in (0, 2, 3):
+        assert together[i][-1] == eos
+        json.loads(hf_tokenizer.decode(together[i][:-1]))
+
+
+class PanicException(BaseException):  # the name pyo3 gives a Rust panic, which guided matches
+    """Stands for ``pyo3_runtime.PanicException``."""
+
+
+class _PanickingMatcher:
+    """Stands for an llguidance matcher whose Rust code panics while computing the mask."""
+
+    def is_error(self) -> bool:
+        return False
+
+    def compute_bitmask(self) -> bytes:
+        raise PanicException("index out of bounds")
+
+
+def test_a_panicking_matcher_ends_its_row_with_eos_and_spares_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    vocab, eos = 100, 7
+    guide = Guide(_PanickingMatcher(), eos)  # type: ignore[arg-type]
+    panicking = SequenceSampler(SamplingParams(seed=1), (), vocab, CPU, guide)
+    other = SequenceSampler(SamplingParams(temperature=0.0), (), vocab, CPU)
+    logits = torch.zeros(2, vocab)
+    logits[:, 50] = 10.0
+    first, second = sample_rows(logits, [panicking, other], frozenset({eos}))
+    assert first.token_id == eos and second.token_id == 50
+    assert guide.failed
+    assert "panicked" in caplog.text
+
+
+@pytest.mark.parametrize(("table", "rows"), [(288, 288), (320, 280), (300, 300)])
+def test_masks_fit_vocabularies_32_divides_and_tokenizers_wider_than_the_model(
+    hf_tokenizer: PreTrainedTokenizerBase, table: int, rows: int
+) -> None:
+    # llguidance wants ceil(n / 32) words, and says n // 32 + 1 when asked (one more for 288 or 32000
+    # tokens); a table wider than the model's rows (``table`` > ``rows``) is cut to the rows.
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    factory = GuideFactory(hf_tokenizer, table, frozenset({eos}))
+    grammar = json_grammar({"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2})
+    sampler = SequenceSampler(SamplingParams(seed=3, grammar=grammar), (), rows, CPU, factory.guide(grammar))
+    tokens: list[int] = []
+    while not tokens or tokens[-1] != eos:
+        (token,) = sample_rows(torch.zeros(1, rows), [sampler], frozenset({eos}))
+        tokens.append(token.token_id)
+    assert json.loads(hf_tokenizer.decode(tokens[:-1])) in (
+        [True],
+        [False],
+        [True, True],
+        [False, False],
+        [True, False],
+        [False, True],
+    )

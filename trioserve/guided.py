@@ -5,8 +5,8 @@ Two halves, on two sides of the engine:
 - `json_grammar` runs before admission (serving asks the runner's ``compile_grammar``, in a worker thread):
   it turns a schema into an llguidance grammar and checks it, so a bad schema is a 400 and never reaches
   the model.
-- `Guide` runs in the runner's worker thread: one matcher per sequence, asked for the tokens allowed next
-  (a bitmask over the vocabulary) before each sample and advanced by the sampled token.
+- `Guide` runs in the runner's worker thread: one matcher per sequence, asked to fill its row of the
+  batch's bitmask of tokens allowed next before each sample, and advanced by the sampled token.
 
 The token table llguidance needs is built once per model (`GuideFactory.prepare`, at load).
 """
@@ -20,6 +20,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import torch
 from llguidance import LLMatcher
 
 from trioserve.errors import InvalidRequest
@@ -77,26 +78,34 @@ class Guide:
     def __init__(self, matcher: LLMatcher | None, eos_token_id: int) -> None:
         self._matcher: LLMatcher | None = matcher
         self._eos_token_id = eos_token_id
+        self._buffer: torch.Tensor | None = None  # the matcher's mask, sized on first use (`_mask`)
         self._check()
 
     @property
     def failed(self) -> bool:
         return self._matcher is None
 
-    def allowed(self) -> bytes:
-        """A bitmask of the tokens allowed next, token *i* at bit ``i % 8`` of byte ``i // 8``; once the
-        value is complete, only EOS."""
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Writes the tokens allowed next into ``bitmask[row]``: an int32 tensor on the CPU in llguidance's
+        layout (token *i* at bit ``i % 32`` of word ``i // 32``), as wide as the model's vocabulary; once the
+        value is complete, or the matcher failed, only EOS."""
         if self._matcher is not None:
             try:
-                mask = self._matcher.compute_bitmask()
+                mask = self._mask()
+                # Widths differ when the tokenizer has more tokens than the model's vocabulary: those
+                # cannot be sampled, so they are cut off.
+                width = min(mask.numel(), bitmask.shape[1])
+                bitmask[row, :width] = mask[:width]
+                bitmask[row, width:] = 0
             except BaseException as exc:
                 self._fail(exc)
             else:
                 if self._check():
-                    return mask
-        only_eos = bytearray(self._eos_token_id // 8 + 1)
-        only_eos[self._eos_token_id // 8] = 1 << (self._eos_token_id % 8)
-        return bytes(only_eos)
+                    return
+        bitmask[row] = 0
+        word, bit = divmod(self._eos_token_id, 32)
+        if word < bitmask.shape[1]:
+            bitmask[row, word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # an int32 bit pattern
 
     def advance(self, token_id: int) -> None:
         if self._matcher is None:
@@ -107,6 +116,29 @@ class Guide:
             self._fail(exc)
         else:
             self._check()
+
+    def _mask(self) -> torch.Tensor:
+        """The matcher's next mask in this guide's own buffer (int32 words), filled the way
+        ``llguidance.torch.fill_next_token_bitmask`` does, without importing that module (it compiles a
+        kernel with ``torch.compile`` at import, pulling in inductor).
+
+        llguidance checks the buffer's size without saying it: ``ceil(n / 32)`` words for its ``n``
+        tokens, while ``compute_bitmask`` returns ``n // 32 + 1`` (one word more when 32 divides ``n``,
+        as in most real vocabularies), so the first call finds out which."""
+        assert self._matcher is not None
+        if self._buffer is not None:
+            self._matcher.unsafe_compute_mask_ptr(self._buffer.data_ptr(), self._buffer.numel() * 4)
+            return self._buffer
+        whole = len(self._matcher.compute_bitmask()) // 4
+        for words in (whole - 1, whole):
+            buffer = torch.zeros(words, dtype=torch.int32)
+            try:
+                self._matcher.unsafe_compute_mask_ptr(buffer.data_ptr(), words * 4)
+            except ValueError:  # "Invalid buffer size"
+                continue
+            self._buffer = buffer
+            return buffer
+        raise RuntimeError(f"llguidance takes no mask of {whole - 1} or {whole} words")
 
     def _check(self) -> bool:
         if self._matcher is not None and self._matcher.is_error():
