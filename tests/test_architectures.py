@@ -6,8 +6,9 @@ whole?), and the tests check three things against it:
 - the runner decodes it in the recorded mode (``max_batch_size`` > 1, or one sequence per pass);
 - `trioserve.architectures` says the same, from the config alone;
 - every request's greedy tokens from one busy run -- staggered arrivals, prompts of different lengths
-  prefilled in chunks of 4 tokens (across the sliding window of 8 where there is one), one request leaving
-  mid-batch -- equal its solo greedy tokens, computed by recomputing the whole sequence without any cache.
+  prefilled in chunks of 8 tokens or together left-padded, across the sliding window of 6 where there is
+  one, one request leaving mid-batch -- equal its solo greedy tokens, computed by recomputing the whole
+  sequence without any cache.
 
 What fails on main's runner today, and why (from transformers 5.24's modeling code), is marked
 ``xfail(strict=True)`` with the reason, so a fix flips it:
@@ -60,20 +61,25 @@ from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams
 
-WINDOW = 8  # sliding window: shorter than the longest prompt and than any prompt plus its tokens
-CHUNK = 4  # prefill chunk: every prompt but the shortest is prefilled in several passes
+WINDOW = 6  # sliding window: shorter than a prefill chunk, and than every prompt plus its tokens but one
+CHUNK = 8  # prefill budget: "long" goes in three chunks, "tiny" and "pair" together in one left-padded pass
 
 SLIDING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8)
 EXPERTS = dict(num_local_experts=2, num_experts_per_tok=1)
 
 BATCHES_NEEDS_ARENA = pytest.mark.xfail(
-    strict=True, reason="sliding-window caches are not joined by padding; the KV arena batches them"
+    raises=AssertionError,
+    strict=True,
+    reason="sliding-window caches are not joined by padding; the KV arena batches them",
 )
 WHOLE_PREFILL_NOT_WIRED = pytest.mark.xfail(
-    strict=True, reason="needs whole prefill: the runner does not report it (prefill_whole) to the scheduler yet"
+    raises=AssertionError,
+    strict=True,
+    reason="needs whole prefill: the runner does not report it (prefill_whole) to the scheduler yet",
 )
 MAMBA1_DECODE = pytest.mark.xfail(
+    raises=AssertionError,
     strict=True,
     reason="the runner passes its 2-D mask at decode, which Mamba-1 broadcasts into its conv state; "
     "and it needs whole prefill, not reported to the scheduler yet",
@@ -272,10 +278,11 @@ def greedy(name: str, prompt: range | list[int], max_tokens: int) -> GenerationR
 
 
 ARRIVALS = [
-    Arrival(0, greedy("long", range(3, 22), 6)),  # 19 tokens: 5 chunks, across the window
+    Arrival(0, greedy("long", range(3, 22), 6)),  # 19 tokens: 3 chunks, across the window
     Arrival(0, greedy("short", range(40, 45), 8)),
     Arrival(2, greedy("leaves", range(60, 73), 8), leave_after=3),
-    Arrival(4, greedy("tiny", [90, 91, 92], 6)),  # fits one chunk
+    Arrival(4, greedy("tiny", [90, 91, 92], 6)),
+    Arrival(4, greedy("pair", [100, 101], 5)),  # prefilled with "tiny" where the model batches
 ]
 
 
@@ -363,7 +370,9 @@ def test_whole_prefill_makes_mamba1_hybrids_exact(family: Family) -> None:
     "family",
     [
         pytest.param(
-            UNSUPPORTED[0], id="recurrent_gemma", marks=pytest.mark.xfail(strict=True, reason="state in modules")
+            UNSUPPORTED[0],
+            id="recurrent_gemma",
+            marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason="state in modules"),
         ),
         pytest.param(
             UNSUPPORTED[1],
