@@ -39,6 +39,7 @@ def fake_token(request_id: str, position: int, vocab: int = 50) -> int:
 @dataclass
 class FakeRunner:
     max_batch_size: int = 8
+    prefill_whole: bool = False
     max_context: int = 4096
     model_id: str = "fake"
     eos_token_ids: frozenset[int] = frozenset({1})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_architectures import FAMILIES, UNSUPPORTED, tiny_model, tokenizer
 from trioserve.config import ConfigError, Settings
 from trioserve.loading import check_settings, load_runner, resolve_attention, resolve_dtype
 from trioserve.tinymodel import save_tiny_model
@@ -36,7 +37,7 @@ def test_served_model_name_overrides_the_id(tmp_path: Path) -> None:
 def test_flash_attention_named_without_the_package_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="flash-attn"):
         resolve_attention("flash_attention_2", torch.device("cpu"), torch.float32)
-    assert resolve_attention("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert resolve_attention("auto", torch.device("cpu"), torch.float32) is None  # transformers picks
 
 
 def test_cuda_asked_for_without_a_gpu() -> None:
@@ -63,3 +64,53 @@ def test_bfloat16_on_an_old_gpu_names_float16(monkeypatch: pytest.MonkeyPatch) -
 
 def test_cpu_auto_dtype_is_float32() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def _save(family_name: str, path: Path) -> Path:
+    """A tiny random-weight model of a matrix family, saved as a hub-style local directory."""
+    family = next(f for f in FAMILIES + UNSUPPORTED if f.model_type == family_name)
+    tiny_model(family).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("family", "kernel"),
+    [
+        ("llama", "sdpa"),
+        ("gemma2", "eager"),
+        ("gpt_oss", "eager"),
+        ("bloom", "eager"),
+        ("mamba", "eager"),
+        ("mamba2", "eager"),
+    ],
+)
+def test_auto_attention_lets_transformers_pick(tmp_path: Path, family: str, kernel: str) -> None:
+    # Forcing sdpa, as auto once did, made every family but llama here fail to start.
+    runner = load_runner(Settings(model=str(_save(family, tmp_path / family))))
+    assert runner.model.config._attn_implementation == kernel
+    request = GenerationRequest("r", (5, 6, 7), SamplingParams(temperature=0.0, max_tokens=2))
+    assert 0 <= runner.step(StepPlan(prefill=(PrefillChunk(0, request, 0, 3),))).tokens[0].token_id < runner.vocab_size
+    runner.release(0)
+
+
+def test_named_attention_the_model_lacks_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ATTN_IMPLEMENTATION=sdpa cannot be used with .*ATTN_IMPLEMENTATION=auto"):
+        load_runner(Settings(model=str(_save("gemma2", tmp_path / "g")), attn_implementation="sdpa"))
+    eager = load_runner(Settings(model=str(_save("llama", tmp_path / "l")), attn_implementation="eager"))
+    assert eager.model.config._attn_implementation == "eager"
+
+
+def test_unservable_family_is_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be served: RecurrentGemma keeps its recurrent"):
+        load_runner(Settings(model=str(_save("recurrent_gemma", tmp_path / "rg"))))
+
+
+def test_startup_log_names_a_model_run_one_sequence_per_pass(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    load_runner(Settings(model=str(_save("mamba", tmp_path / "m"))))
+    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.loading"]
+    assert any("m runs one sequence per forward pass" in m and "recurrent layers" in m for m in messages)
+    assert any("prefills each prompt in one forward pass" in m and "Mamba-1" in m for m in messages)
+    caplog.clear()
+    load_runner(Settings(model=str(_save("llama", tmp_path / "l"))))
+    assert not any("one sequence per forward pass" in r.getMessage() for r in caplog.records)

@@ -29,7 +29,9 @@ class Settings(BaseModel):
     served_model_name: str | None = Field(None, description="model id reported to clients (default: --model)")
     hotload: bool = Field(False, description="load the model at startup instead of on the first request")
     torch_dtype: DType = Field("auto", description="weights dtype (bnb-4bit: its compute dtype)")
-    attn_implementation: AttnImplementation = Field("auto", description="attention kernel")
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="attention kernel (auto: flash-attn where it can run, else what transformers picks)"
+    )
     device: Device = Field("auto", description="where the model runs")
     quantization: Quantization = Field("none", description="bitsandbytes quantization (needs the extra)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's repository")

@@ -156,6 +156,7 @@ class Engine:
                 max_waiting=self._max_queue,
                 batch_size=batch_size,
                 prefill_chunk=self._prefill_chunk,
+                prefill_whole=runner.prefill_whole,
             )
             logger.info("model %s ready (batch size %d)", runner.model_id, batch_size)
         finally:

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trioserve.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
 from trioserve.config import ConfigError, Settings
 from trioserve.runner import TransformersRunner
 from trioserve.tinymodel import DEMO_MODEL_ID, build_model, build_tokenizer
@@ -49,8 +50,15 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
-def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` takes flash-attn when it can run, else SDPA; naming flash_attention_2 makes it a must."""
+def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The ``attn_implementation`` to ask transformers for; None lets it pick for the model.
+
+    ``auto`` takes flash-attn when it can run here (the loader falls back if the model has no flash-attn
+    path), else None: transformers then uses SDPA where the model supports it and eager attention where it
+    does not (Gemma 2's softcapping, GPT-OSS's sinks, Bloom's ALiBi, Mamba's lack of attention). Naming a
+    kernel makes it a must: flash_attention_2 that cannot run here is an error now, and one the model does
+    not support is an error at load.
+    """
     has_flash = importlib.util.find_spec("flash_attn") is not None
     flash_ok = has_flash and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if requested == "flash_attention_2" and not flash_ok:
@@ -62,7 +70,7 @@ def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) 
             why = "it needs TORCH_DTYPE=bfloat16 or float16"
         raise ConfigError(f"ATTN_IMPLEMENTATION=flash_attention_2 cannot be used: {why}. Use sdpa or auto.")
     if requested == "auto":
-        return "flash_attention_2" if flash_ok else "sdpa"
+        return "flash_attention_2" if flash_ok else None
     return requested
 
 
@@ -110,23 +118,12 @@ def load_runner(settings: Settings) -> TransformersRunner:
         )
         hf_tokenizer = build_tokenizer()
         model = build_model(hf_tokenizer, dtype=dtype)
+        if attention is not None:
+            model.set_attn_implementation(attention)
         torch.nn.Module.to(model, device=device)
         model_id = DEMO_MODEL_ID
     else:
-        logger.info("loading %s (%s, %s, attention=%s)", settings.model, device, dtype, attention)
-        quantization = _quantization_config(settings, device, dtype)
-        hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            settings.model,
-            dtype=dtype,
-            attn_implementation=attention,
-            quantization_config=quantization,
-            device_map=str(device) if quantization is not None else None,
-            trust_remote_code=settings.trust_remote_code,
-        )
-        if quantization is None:
-            torch.nn.Module.to(model, device=device)
-        torch.nn.Module.eval(model)
+        hf_tokenizer, model = _load_pretrained(settings, device, dtype, attention)
         model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
     tokenizer = ChatTokenizer(hf_tokenizer)
     runner = TransformersRunner(
@@ -138,10 +135,61 @@ def load_runner(settings: Settings) -> TransformersRunner:
         max_model_len=settings.max_model_len,
         cuda_graphs=settings.cuda_graphs,
     )
-    logger.info("decoding %s", runner.mode)
+    if runner.max_batch_size == 1 and settings.batch_size > 1:
+        reason = one_per_pass_reason(model.config) or runner.mode
+        logger.warning("%s runs one sequence per forward pass (taking turns): %s", runner.model_id, reason)
+    else:
+        logger.info("%s: decoding %s", runner.model_id, runner.mode)
+    if (whole := needs_whole_prefill(model.config)) is not None:
+        logger.info("%s prefills each prompt in one forward pass: %s", runner.model_id, whole)
     # Now, with the model, rather than in the first JSON-mode request's step, where it would stall the batch.
     runner.guides.prepare()
     return runner
+
+
+def _load_pretrained(
+    settings: Settings, device: torch.device, dtype: torch.dtype, attention: str | None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and model from a hub id or local directory, after checking the family can be served."""
+    name = settings.model
+    assert name is not None
+    config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    if (reason := unsupported_reason(config)) is not None:
+        raise ConfigError(f"{settings.model} cannot be served: {reason}")
+    quantization = _quantization_config(settings, device, dtype)
+    hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+
+    def load(attn_implementation: str | None) -> PreTrainedModel:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            name,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            quantization_config=quantization,
+            device_map=str(device) if quantization is not None else None,
+            trust_remote_code=settings.trust_remote_code,
+        )
+        return model
+
+    logger.info("loading %s (%s, %s, attention=%s)", settings.model, device, dtype, attention or "auto")
+    try:
+        model = load(attention)
+    except (ValueError, ImportError) as exc:
+        # transformers checks the kernel against the model class before reading any weights, so this is cheap.
+        if attention is None or "attention" not in str(exc).lower():
+            raise
+        if settings.attn_implementation != "auto":
+            raise ConfigError(
+                f"ATTN_IMPLEMENTATION={attention} cannot be used with {settings.model}: {exc} "
+                "Use ATTN_IMPLEMENTATION=auto to let transformers pick one the model supports."
+            ) from exc
+        logger.info("%s has no %s path; letting transformers pick the attention kernel", settings.model, attention)
+        model = load(None)
+    if quantization is None:
+        torch.nn.Module.to(model, device=device)
+    torch.nn.Module.eval(model)
+    logger.info("%s uses %s attention", settings.model, model.config._attn_implementation)
+    return hf_tokenizer, model
 
 
 def check_settings(settings: Settings) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from trioserve.architectures import needs_whole_prefill
 from trioserve.arena import KVArena, arena_layers
 from trioserve.attention import use_arena_attention, use_plain_attention
 from trioserve.decode import DecodeStep
@@ -94,6 +95,7 @@ class TransformersRunner:
         self._decode_step: DecodeStep | None = None
         self.mode = self._set_up_arena(max_batch_size, cuda_graphs) if max_batch_size > 1 else "--max-batch-size 1"
         self._max_batch_size = max_batch_size if self.arena is not None else 1
+        self._prefill_whole = needs_whole_prefill(model.config) is not None
 
     # -- Runner Protocol: properties ------------------------------------------------------------------
 
@@ -108,6 +110,10 @@ class TransformersRunner:
     @property
     def max_batch_size(self) -> int:
         return self._max_batch_size
+
+    @property
+    def prefill_whole(self) -> bool:
+        return self._prefill_whole
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -5,7 +5,8 @@ States of a sequence, and why each exists::
     WAITING     admitted to the bounded FIFO queue; holds no KV and no slot
     PREFILLING  holds a slot; its prompt goes through the model within a token budget per step: whole
                 short prompts together in one pass, a long one a chunk per step, so one long prompt never
-                holds the running batch (or a cancellation) for more than a chunk
+                holds the running batch (or a cancellation) for more than a chunk (whole, with
+                ``prefill_whole``, for models that cannot continue a prompt from cached state)
     DECODING    holds a slot and KV; decoded every step with the whole batch (or in turn, one per step,
                 when the model cannot be batched)
 
@@ -47,14 +48,19 @@ class Scheduler:
         max_waiting: sequences queued for a slot; past it `submit` raises `QueueFull`.
         batch_size: sequences per decode pass; 1 decodes the running sequences in turn.
         prefill_chunk: prompt tokens per prefill step (padded tokens, when several prompts go together).
+        prefill_whole: every prompt goes through in one step, whatever its length, for models whose
+            mixers cannot continue a prompt from cached state (`trioserve.architectures.needs_whole_prefill`).
     """
 
-    def __init__(self, *, max_running: int, max_waiting: int, batch_size: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, *, max_running: int, max_waiting: int, batch_size: int, prefill_chunk: int, prefill_whole: bool = False
+    ) -> None:
         self.batch_size = batch_size
         # With a shared batch, a slot is a row of it; one-per-pass mode interleaves up to max_running.
         self.max_running = max_running if batch_size == 1 else min(max_running, batch_size)
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        self.prefill_whole = prefill_whole
         self._waiting: OrderedDict[int, Entry] = OrderedDict()
         self._running: OrderedDict[int, Entry] = OrderedDict()
         self._turn = 0  # one-per-pass mode: index of the next sequence to decode
@@ -107,15 +113,16 @@ class Scheduler:
         return StepPlan(prefill=prefill, decode=decoding)
 
     def _plan_prefill(self) -> tuple[PrefillChunk, ...]:
-        """The oldest prefilling sequence's next chunk, or, when its whole prompt fits the budget, it and
-        the next whole prompts that fit along with it (left-padded to the longest, so budget = n * width)."""
+        """The oldest prefilling sequence's next chunk (its whole prompt with ``prefill_whole``), or, when its
+        whole prompt fits the budget, it and the next whole prompts that fit along with it (left-padded to the
+        longest, so budget = n * width)."""
         prefilling = [e for e in self._running.values() if e.phase is Phase.PREFILLING]
         if not prefilling:
             return ()
         head = prefilling[0]
         size = len(head.request.prompt_ids)
         if head.prefilled > 0 or size > self.prefill_chunk or self.batch_size == 1:
-            end = min(head.prefilled + self.prefill_chunk, size)
+            end = size if self.prefill_whole else min(head.prefilled + self.prefill_chunk, size)
             return (PrefillChunk(head.seq_id, head.request, head.prefilled, end),)
         group, width = [head], size
         for entry in prefilling[1:]:

@@ -141,6 +141,11 @@ class Runner(Protocol):
         ...
 
     @property
+    def prefill_whole(self) -> bool:
+        """Prompts must go through the model in one forward pass (chunks would be inexact)."""
+        ...
+
+    @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
     @property

@@ -1,0 +1,390 @@
+"""The architecture matrix: tiny random-weight models of many families, served through the real runner.
+
+For each family the table records what it needs (does its decode batch? must its prompts be prefilled
+whole?), and the tests check three things against it:
+
+- the runner decodes it in the recorded mode (``max_batch_size`` > 1, or one sequence per pass);
+- `trioserve.architectures` says the same, from the config alone;
+- every request's greedy tokens from one busy run -- staggered arrivals, prompts of different lengths
+  prefilled in chunks of 8 tokens or together left-padded, across the sliding window of 6 where there is
+  one, one request leaving mid-batch -- equal its solo greedy tokens, computed by recomputing the whole
+  sequence without any cache.
+
+What fails on main's runner today, and why (from transformers 5.24's modeling code), is marked
+``xfail(strict=True)`` with the reason, so a fix flips it:
+
+- Sliding-window models (mistral, gemma2, gemma3_text, cohere2, olmo3, exaone4, gpt_oss) are exact but run
+  one sequence per pass: the runner joins caches by left-padding plain `DynamicLayer`s only, and their
+  `DynamicSlidingWindowLayer`s keep just the last window - 1 tokens. In a KV arena the window is one more
+  mask condition, so they should batch.
+- mamba, falcon_mamba: decode goes wrong from the third token. Their `apply_mask_to_padding_states`
+  multiplies the one new token's hidden states ``[rows, 1, hidden]`` by the runner's 2-D mask
+  ``[rows, length]`` (these two families do not trim it with `create_recurrent_attention_mask` as the other
+  recurrent families do), which broadcasts the token into ``length`` copies: the step's own output is still
+  right, but `causal_conv1d_update` then stores copies of it as the convolution state, so the next step
+  convolves over the wrong past. `generate` drops the mask at decode (`prepare_inputs_for_generation`); so
+  must the runner (a single row has no padding anyway). And, as below, they need whole prefill.
+- mamba, falcon_mamba, jamba, zamba: a prompt prefilled in chunks goes wrong. Their Mamba-1
+  `mamba_selective_scan` starts from a zero SSM state on any pass of more than one token ("initial hidden
+  state is not supported by the kernel path"), ignoring the state the previous chunk cached (the
+  convolution state is continued correctly). Mamba-2 mixers (mamba2, bamba, falcon_h1, granitemoehybrid,
+  nemotron_h, zamba2) and gated delta nets (qwen3_next) pass ``initial_states`` and are exact. Fixed by
+  `Scheduler(prefill_whole=True)`, from `architectures.needs_whole_prefill`; the runner has to say so.
+- recurrent_gemma: wrong whenever two sequences are in flight or a prompt is chunked: it keeps its state
+  in the model's modules (``conv1d_state``, ``rg_lru.recurrent_states``), not in the cache, and treats any
+  multi-token pass as a fresh prefill. Refused at load (`architectures.unsupported_reason`).
+- minimax: raises at the first forward pass: it accepts only its own `MiniMaxCache`. Refused at load.
+
+Models whose attention resolves to eager (gemma2, gpt_oss, bloom) run in float32 rather than float64:
+eager attention adds ``finfo(float64).min`` for masked positions and then computes the softmax in
+float32, where that is -inf, so a left-padded row's all-masked padding queries turn to NaN, and the NaN
+values poison the real rows through the next layer (``0 * NaN``). Real models in float32/bf16 are not
+affected.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from trioserve.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
+from trioserve.runner import TransformersRunner
+from trioserve.scheduler import Scheduler
+from trioserve.tinymodel import build_tokenizer
+from trioserve.tokenization import ChatTokenizer
+from trioserve.types import GenerationRequest, SamplingParams
+
+WINDOW = 6  # sliding window: shorter than a prefill chunk, and than every prompt plus its tokens but one
+CHUNK = 8  # prefill budget: "long" goes in three chunks, "tiny" and "pair" together in one left-padded pass
+
+SLIDING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8)
+EXPERTS = dict(num_local_experts=2, num_experts_per_tok=1)
+
+BATCHES_NEEDS_ARENA = pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="sliding-window caches are not joined by padding; the KV arena batches them",
+)
+WHOLE_PREFILL_NOT_WIRED = pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="needs whole prefill: the runner does not report it (prefill_whole) to the scheduler yet",
+)
+MAMBA1_DECODE = pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="the runner passes its 2-D mask at decode, which Mamba-1 broadcasts into its conv state; "
+    "and it needs whole prefill, not reported to the scheduler yet",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture of the matrix and what it is expected to need."""
+
+    model_type: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    batches: bool = True  # decodes several sequences per forward pass
+    whole_prefill: bool = False  # its prompts must go through in one pass
+    dtype: torch.dtype = torch.float64
+    marks: tuple[pytest.MarkDecorator, ...] = ()  # on the token test
+    mode_marks: tuple[pytest.MarkDecorator, ...] = ()  # on the decode-mode test
+
+
+FAMILIES = [
+    Family("llama"),
+    Family("mistral", dict(sliding_window=WINDOW), mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("qwen2"),
+    Family("qwen3"),
+    Family("gemma"),
+    Family("gemma2", dict(SLIDING, head_dim=8), dtype=torch.float32, mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("gemma3_text", dict(SLIDING, head_dim=8), mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("cohere2", dict(SLIDING, head_dim=8), mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("olmo3", SLIDING, mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("exaone4", SLIDING, mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("gpt_oss", dict(SLIDING, head_dim=8, **EXPERTS), dtype=torch.float32, mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("phi3"),
+    Family("gpt2"),
+    Family("gpt_neox"),
+    Family("falcon"),
+    Family("olmo2"),
+    Family("starcoder2"),
+    Family("smollm3"),
+    Family("bloom", dtype=torch.float32),
+    Family("mixtral", EXPERTS),
+    Family("qwen3_moe", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)),
+    Family("mamba", dict(state_size=4), batches=False, whole_prefill=True, marks=(MAMBA1_DECODE,)),
+    Family("falcon_mamba", dict(state_size=4), batches=False, whole_prefill=True, marks=(MAMBA1_DECODE,)),
+    Family(
+        "jamba",
+        dict(attn_layer_period=2, attn_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=4),
+        batches=False,
+        whole_prefill=True,
+        marks=(WHOLE_PREFILL_NOT_WIRED,),
+    ),
+    Family(
+        "zamba",
+        dict(layers_block_type=["mamba", "hybrid"], attention_head_dim=8, mamba_d_state=4, n_mamba_heads=2),
+        batches=False,
+        whole_prefill=True,
+        marks=(WHOLE_PREFILL_NOT_WIRED,),
+    ),
+    Family("mamba2", dict(num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=8), batches=False),
+    Family("bamba", dict(MAMBA2, attn_layer_indices=[1]), batches=False),
+    Family("falcon_h1", dict(MAMBA2, mamba_d_ssm=64, head_dim=8), batches=False),
+    Family(
+        "granitemoehybrid",
+        dict(MAMBA2, layer_types=["mamba", "attention"], shared_intermediate_size=32, **EXPERTS),
+        batches=False,
+    ),
+    Family(
+        "nemotron_h",
+        dict(
+            MAMBA2,
+            layers_block_type=["linear_attention", "full_attention"],
+            head_dim=8,
+            ssm_state_size=8,
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=1,
+            chunk_size=8,
+        ),
+        batches=False,
+    ),
+    Family(
+        "zamba2",
+        dict(
+            layers_block_type=["mamba", "hybrid"],
+            hybrid_layer_ids=[1],
+            mamba_d_state=8,
+            n_mamba_heads=4,
+            mamba_headdim=16,
+            attention_head_dim=8,
+        ),
+        batches=False,
+    ),
+    Family("lfm2", dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False), batches=False),
+    Family(
+        "qwen3_next",
+        dict(
+            layer_types=["linear_attention", "full_attention"],
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        batches=False,
+    ),
+]
+
+UNSUPPORTED = [
+    Family(
+        "recurrent_gemma",
+        dict(block_types=["recurrent", "attention"], lru_width=32, attention_window_size=WINDOW, head_dim=8),
+        batches=False,
+    ),
+    Family(
+        "minimax",
+        dict(layer_types=["linear_attention", "full_attention"], head_dim=8, block_size=4, **EXPERTS),
+        batches=False,
+    ),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Models this small gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def tokenizer() -> PreTrainedTokenizerBase:
+    return build_tokenizer()
+
+
+def tiny_config(family: Family) -> Any:
+    """A two-layer, 32-wide config of the family, sized to the byte-level tokenizer."""
+    hf = tokenizer()
+    return AutoConfig.for_model(
+        family.model_type,
+        **{
+            "vocab_size": len(hf),
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 256,
+            # Wide, untied random weights give varied tokens, so a wrong token is likely to show.
+            "initializer_range": 0.5,
+            "tie_word_embeddings": False,
+            "pad_token_id": 0,
+            "bos_token_id": None,
+            "eos_token_id": hf.convert_tokens_to_ids("<|im_end|>"),
+            "use_mamba_kernels": False,
+            **family.overrides,
+        },
+    )
+
+
+@functools.cache
+def _tiny_model(model_type: str) -> PreTrainedModel:
+    family = next(f for f in FAMILIES + UNSUPPORTED if f.model_type == model_type)
+    torch.manual_seed(0)
+    # Attention is left for transformers to pick, as loading's ``auto`` does. Grouped-GEMM experts need
+    # float32 or narrower; the eager experts loop runs in float64 too (and is ignored by models without).
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=family.dtype, experts_implementation="eager")
+    return torch.nn.Module.eval(model)
+
+
+def tiny_model(family: Family) -> PreTrainedModel:
+    """A deterministic random-weight model of the family, built once per test session."""
+    return _tiny_model(family.model_type)
+
+
+def make_runner(family: Family) -> TransformersRunner:
+    hf = tokenizer()
+    eos = frozenset({hf.convert_tokens_to_ids("<|im_end|>")})
+    return TransformersRunner(
+        tiny_model(family), ChatTokenizer(hf), model_id=family.model_type, max_batch_size=8, eos_token_ids=eos
+    )
+
+
+@dataclass(frozen=True)
+class Arrival:
+    step: int
+    request: GenerationRequest
+    leave_after: int | None = None  # tokens after which it leaves (a cancellation)
+
+
+def greedy(name: str, prompt: range | list[int], max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(name, tuple(prompt), SamplingParams(temperature=0.0, max_tokens=max_tokens))
+
+
+ARRIVALS = [
+    Arrival(0, greedy("long", range(3, 22), 6)),  # 19 tokens: 3 chunks, across the window
+    Arrival(0, greedy("short", range(40, 45), 8)),
+    Arrival(2, greedy("leaves", range(60, 73), 8), leave_after=3),
+    Arrival(4, greedy("tiny", [90, 91, 92], 6)),
+    Arrival(4, greedy("pair", [100, 101], 5)),  # prefilled with "tiny" where the model batches
+]
+
+
+def drive(runner: TransformersRunner, arrivals: list[Arrival], *, prefill_whole: bool) -> dict[str, list[int]]:
+    """Runs the real scheduler and runner step by step, as the engine does, with no event loop."""
+    scheduler = Scheduler(
+        max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=CHUNK, prefill_whole=prefill_whole
+    )
+    outputs: dict[str, list[int]] = defaultdict(list)
+    by_seq: dict[int, Arrival] = {}
+    pending = sorted(arrivals, key=lambda a: a.step)
+    step = 0
+    while pending or scheduler.running or scheduler.waiting:
+        while pending and pending[0].step <= step:
+            arrival = pending.pop(0)
+            by_seq[len(by_seq)] = arrival
+            scheduler.submit(len(by_seq) - 1, arrival.request)
+        plan = scheduler.plan()
+        step += 1
+        if not plan:
+            continue
+        output = runner.step(plan)
+        for chunk in plan.prefill:
+            scheduler.prefilled(chunk)
+        for seq_id, token in output.tokens.items():
+            arrival = by_seq[seq_id]
+            tokens = outputs[arrival.request.request_id]
+            tokens.append(token.token_id)
+            if len(tokens) >= min(arrival.request.params.max_tokens, arrival.leave_after or 1 << 30):
+                scheduler.remove(seq_id)
+                runner.release(seq_id)
+    assert runner.live_sequences() == 0
+    return dict(outputs)
+
+
+@torch.inference_mode()
+def solo_greedy(model: PreTrainedModel, arrival: Arrival) -> list[int]:
+    """The request's greedy tokens alone, recomputing the whole sequence each step: no cache to get wrong."""
+    ids = list(arrival.request.prompt_ids)
+    count = min(arrival.request.params.max_tokens, arrival.leave_after or 1 << 30)
+    for _ in range(count):
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(arrival.request.prompt_ids) :]
+
+
+def cases(families: list[Family], marks: str = "") -> list[Any]:
+    """Parameters named by model type, with the family's marks of that kind ("" for none)."""
+    return [pytest.param(f, id=f.model_type, marks=getattr(f, marks) if marks else ()) for f in families]
+
+
+@pytest.mark.parametrize("family", cases(FAMILIES, "marks"))
+def test_batched_greedy_equals_solo_greedy(family: Family) -> None:
+    runner = make_runner(family)
+    # The hook the engine needs: the runner says whether its model's prompts must go in one pass.
+    batched = drive(runner, ARRIVALS, prefill_whole=bool(getattr(runner, "prefill_whole", False)))
+    model = tiny_model(family)
+    assert batched == {a.request.request_id: solo_greedy(model, a) for a in ARRIVALS}
+
+
+@pytest.mark.parametrize("family", cases(FAMILIES, "mode_marks"))
+def test_decode_mode(family: Family) -> None:
+    assert (make_runner(family).max_batch_size > 1) == family.batches
+
+
+@pytest.mark.parametrize("family", cases(FAMILIES + UNSUPPORTED))
+def test_architectures_module_agrees_with_the_table(family: Family) -> None:
+    config = tiny_config(family)
+    assert (one_per_pass_reason(config) is None) == family.batches
+    assert (needs_whole_prefill(config) is not None) == family.whole_prefill
+    assert (unsupported_reason(config) is not None) == (family in UNSUPPORTED)
+
+
+@pytest.mark.parametrize("family", cases([f for f in FAMILIES if f.model_type in ("jamba", "zamba")]))
+def test_whole_prefill_makes_mamba1_hybrids_exact(family: Family) -> None:
+    """What the marked cases above need: with whole prefill, these families are exact today."""
+    runner = make_runner(family)
+    model = tiny_model(family)
+    expected = {a.request.request_id: solo_greedy(model, a) for a in ARRIVALS}
+    assert drive(runner, ARRIVALS, prefill_whole=True) == expected
+    assert drive(runner, ARRIVALS, prefill_whole=False) != expected  # the reason the flag exists
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(
+            UNSUPPORTED[0],
+            id="recurrent_gemma",
+            marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason="state in modules"),
+        ),
+        pytest.param(
+            UNSUPPORTED[1],
+            id="minimax",
+            marks=pytest.mark.xfail(strict=True, raises=ValueError, reason="needs MiniMaxCache"),
+        ),
+    ],
+)
+def test_unsupported_families_fail_in_the_runner(family: Family) -> None:
+    """Why they are refused at load: driven anyway, they give wrong tokens or raise."""
+    runner = make_runner(family)
+    model = tiny_model(family)
+    assert drive(runner, ARRIVALS, prefill_whole=True) == {
+        a.request.request_id: solo_greedy(model, a) for a in ARRIVALS
+    }
