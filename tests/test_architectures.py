@@ -10,26 +10,28 @@ whole?), and the tests check three things against it:
   one, one request leaving mid-batch -- equal its solo greedy tokens, computed by recomputing the whole
   sequence without any cache.
 
-What fails on main's runner today, and why (from transformers 5.24's modeling code), is marked
-``xfail(strict=True)`` with the reason, so a fix flips it:
+What each family needed, and why (from transformers 5.24's modeling code):
 
-- Sliding-window models (mistral, gemma2, gemma3_text, cohere2, olmo3, exaone4, gpt_oss) are exact but run
-  one sequence per pass: the runner joins caches by left-padding plain `DynamicLayer`s only, and their
-  `DynamicSlidingWindowLayer`s keep just the last window - 1 tokens. In a KV arena the window is one more
-  mask condition, so they should batch.
-- mamba, falcon_mamba: decode goes wrong from the third token. Their `apply_mask_to_padding_states`
-  multiplies the one new token's hidden states ``[rows, 1, hidden]`` by the runner's 2-D mask
-  ``[rows, length]`` (these two families do not trim it with `create_recurrent_attention_mask` as the other
-  recurrent families do), which broadcasts the token into ``length`` copies: the step's own output is still
-  right, but `causal_conv1d_update` then stores copies of it as the convolution state, so the next step
-  convolves over the wrong past. `generate` drops the mask at decode (`prepare_inputs_for_generation`); so
-  must the runner (a single row has no padding anyway). And, as below, they need whole prefill.
+- Sliding-window models (mistral, gemma2, gemma3_text, cohere2, olmo3, exaone4, gpt_oss) batch through the
+  KV arena: their `DynamicSlidingWindowLayer`s keep just the last window - 1 tokens, which are copied to the
+  columns they belong to, and the window is one more condition of the decode mask. (The left-padded join
+  of version 1 could not batch them.)
+- falcon, bloom: exact, one sequence per pass. Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D
+  mask, so neither takes the arena's masks; the runner's load-time probe sees it and keeps them on their
+  own caches (`architectures` names the reason for the log).
+- mamba, falcon_mamba: decode went wrong from the third token when a 2-D mask was passed at decode. Their
+  `apply_mask_to_padding_states` multiplies the one new token's hidden states ``[rows, 1, hidden]`` by a
+  2-D mask ``[rows, length]`` (these two families do not trim it with `create_recurrent_attention_mask` as
+  the other recurrent families do), which broadcasts the token into ``length`` copies that
+  `causal_conv1d_update` then stores as the convolution state. The runner passes no mask to a one-row pass
+  (`generate` drops it at decode too). And, as below, they need whole prefill.
 - mamba, falcon_mamba, jamba, zamba: a prompt prefilled in chunks goes wrong. Their Mamba-1
   `mamba_selective_scan` starts from a zero SSM state on any pass of more than one token ("initial hidden
   state is not supported by the kernel path"), ignoring the state the previous chunk cached (the
   convolution state is continued correctly). Mamba-2 mixers (mamba2, bamba, falcon_h1, granitemoehybrid,
-  nemotron_h, zamba2) and gated delta nets (qwen3_next) pass ``initial_states`` and are exact. Fixed by
-  `Scheduler(prefill_whole=True)`, from `architectures.needs_whole_prefill`; the runner has to say so.
+  nemotron_h, zamba2) and gated delta nets (qwen3_next) pass ``initial_states`` and are exact. The runner
+  reports `prefill_whole` (from `architectures.needs_whole_prefill`) and the scheduler sends such prompts
+  in one pass.
 - recurrent_gemma: wrong whenever two sequences are in flight or a prompt is chunked: it keeps its state
   in the model's modules (``conv1d_state``, ``rg_lru.recurrent_states``), not in the cache, and treats any
   multi-token pass as a fresh prefill. Refused at load (`architectures.unsupported_reason`).
@@ -68,23 +70,6 @@ SLIDING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_at
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8)
 EXPERTS = dict(num_local_experts=2, num_experts_per_tok=1)
 
-BATCHES_NEEDS_ARENA = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="sliding-window caches are not joined by padding; the KV arena batches them",
-)
-WHOLE_PREFILL_NOT_WIRED = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="needs whole prefill: the runner does not report it (prefill_whole) to the scheduler yet",
-)
-MAMBA1_DECODE = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="the runner passes its 2-D mask at decode, which Mamba-1 broadcasts into its conv state; "
-    "and it needs whole prefill, not reported to the scheduler yet",
-)
-
 
 @dataclass(frozen=True)
 class Family:
@@ -101,41 +86,41 @@ class Family:
 
 FAMILIES = [
     Family("llama"),
-    Family("mistral", dict(sliding_window=WINDOW), mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("mistral", dict(sliding_window=WINDOW)),
     Family("qwen2"),
     Family("qwen3"),
     Family("gemma"),
-    Family("gemma2", dict(SLIDING, head_dim=8), dtype=torch.float32, mode_marks=(BATCHES_NEEDS_ARENA,)),
-    Family("gemma3_text", dict(SLIDING, head_dim=8), mode_marks=(BATCHES_NEEDS_ARENA,)),
-    Family("cohere2", dict(SLIDING, head_dim=8), mode_marks=(BATCHES_NEEDS_ARENA,)),
-    Family("olmo3", SLIDING, mode_marks=(BATCHES_NEEDS_ARENA,)),
-    Family("exaone4", SLIDING, mode_marks=(BATCHES_NEEDS_ARENA,)),
-    Family("gpt_oss", dict(SLIDING, head_dim=8, **EXPERTS), dtype=torch.float32, mode_marks=(BATCHES_NEEDS_ARENA,)),
+    Family("gemma2", dict(SLIDING, head_dim=8), dtype=torch.float32),
+    Family("gemma3_text", dict(SLIDING, head_dim=8)),
+    Family("cohere2", dict(SLIDING, head_dim=8)),
+    Family("olmo3", SLIDING),
+    Family("exaone4", SLIDING),
+    Family("gpt_oss", dict(SLIDING, head_dim=8, **EXPERTS), dtype=torch.float32),
     Family("phi3"),
     Family("gpt2"),
     Family("gpt_neox"),
-    Family("falcon"),
+    # Falcon and Bloom call SDPA themselves (Falcon) or derive ALiBi from a 2-D mask (Bloom): the arena's
+    # load-time probe sees their decode disagree and keeps them on their own caches, exact but one per pass.
+    Family("falcon", batches=False),
     Family("olmo2"),
     Family("starcoder2"),
     Family("smollm3"),
-    Family("bloom", dtype=torch.float32),
+    Family("bloom", batches=False, dtype=torch.float32),
     Family("mixtral", EXPERTS),
     Family("qwen3_moe", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)),
-    Family("mamba", dict(state_size=4), batches=False, whole_prefill=True, marks=(MAMBA1_DECODE,)),
-    Family("falcon_mamba", dict(state_size=4), batches=False, whole_prefill=True, marks=(MAMBA1_DECODE,)),
+    Family("mamba", dict(state_size=4), batches=False, whole_prefill=True),
+    Family("falcon_mamba", dict(state_size=4), batches=False, whole_prefill=True),
     Family(
         "jamba",
         dict(attn_layer_period=2, attn_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=4),
         batches=False,
         whole_prefill=True,
-        marks=(WHOLE_PREFILL_NOT_WIRED,),
     ),
     Family(
         "zamba",
         dict(layers_block_type=["mamba", "hybrid"], attention_head_dim=8, mamba_d_state=4, n_mamba_heads=2),
         batches=False,
         whole_prefill=True,
-        marks=(WHOLE_PREFILL_NOT_WIRED,),
     ),
     Family("mamba2", dict(num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=8), batches=False),
     Family("bamba", dict(MAMBA2, attn_layer_indices=[1]), batches=False),

@@ -34,6 +34,15 @@ _UNSUPPORTED = {
 }
 
 
+# Attention that does not go through transformers' AttentionInterface, so the arena's per-row masks never
+# reach it. The runner's load-time probe finds this too (and keeps any such model off the arena); named here
+# so the startup log can say why.
+_OWN_ATTENTION = {
+    "falcon": "its attention calls SDPA directly rather than through transformers' attention interface",
+    "bloom": "it computes its ALiBi bias from a 2-D padding mask and its attention bypasses the interface",
+}
+
+
 def _model_types(config: PreTrainedConfig) -> set[str]:
     """The config's model type and its text model's (multimodal configs nest the language model)."""
     return {str(config.model_type), str(config.get_text_config().model_type)}
@@ -41,6 +50,9 @@ def _model_types(config: PreTrainedConfig) -> set[str]:
 
 def one_per_pass_reason(config: PreTrainedConfig) -> str | None:
     """Why this model decodes one sequence per forward pass; None when its decode batches."""
+    for model_type in sorted(_model_types(config)):
+        if model_type in _OWN_ATTENTION:
+            return _OWN_ATTENTION[model_type]
     probe = DynamicCache(config=config)  # the layer kinds transformers itself would cache for this model
     stateful = sorted(
         {type(layer).__name__ for layer in probe.layers if isinstance(layer, LinearAttentionCacheLayerMixin)}
