@@ -48,6 +48,12 @@ def token_of(served: Served, text: str) -> str:
     return str(reply.json()["tokens"][0])
 
 
+def compact(served: Served) -> dict[str, float]:
+    """logit_bias against whitespace: grammars allow any amount of it between JSON tokens, and a random
+    model writes a lot, which only costs time (the value is the same)."""
+    return {token_of(served, space): -100 for space in (" ", "\n", "\r", "\t")}
+
+
 def async_client(served: Served) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
 
@@ -82,7 +88,7 @@ def run_agent(served: Served, api: str, *, auto: bool = False, stream: bool = Fa
             # After the call: no bias, no forced call, a short answer that ends with EOS (the Agents SDK
             # takes a response cut by max_output_tokens for a failure).
             answer = {"min_tokens": 2, "logit_bias": {token_of(served, "<|im_end|>"): 100}}
-            agent.model_settings = ModelSettings(extra_body=None if output_type else answer)
+            agent.model_settings = ModelSettings(extra_body={"logit_bias": compact(served)} if output_type else answer)
 
     async def main() -> Any:
         client = async_client(served)
@@ -92,7 +98,7 @@ def run_agent(served: Served, api: str, *, auto: bool = False, stream: bool = Fa
             settings = ModelSettings(max_tokens=200, extra_body={"logit_bias": {token_of(served, "<tool_call>"): 100}})
         else:
             # Required for the first turn (the grammar ends the call); the hook then makes the answer short.
-            settings = ModelSettings(tool_choice="required")
+            settings = ModelSettings(tool_choice="required", extra_body={"logit_bias": compact(served)})
         agent = Agent(
             name="forecaster",
             instructions="Answer with the forecast.",
@@ -174,7 +180,7 @@ def test_pydantic_ai_tool_then_structured_result(served: Served, api: str) -> No
                 model,
                 output_type=Forecast,
                 tools=[Tool(lookup_city, prepare=first_turn_only)],
-                model_settings={"extra_body": {"logit_bias": {token_of(served, "l"): 100}}},
+                model_settings={"extra_body": {"logit_bias": {**compact(served), token_of(served, "l"): 100}}},
             )
             return await agent.run("Weather in Ipoh?")
 
@@ -217,13 +223,14 @@ def test_pydantic_ai_tool_in_auto_mode_then_text(served: Served) -> None:
 def chat_openai(served: Served, **kwargs: Any) -> Any:
     from langchain_openai import ChatOpenAI
 
+    kwargs.setdefault("extra_body", {"logit_bias": compact(served)})
     return ChatOpenAI(model="m", base_url=served.url + "/v1", api_key="-", max_retries=0, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("use_responses_api", [False, True])
 def test_langchain_bind_tools_required(served: Served, use_responses_api: bool) -> None:
     llm = chat_openai(served, use_responses_api=use_responses_api)
-    message = llm.bind_tools([Forecast], tool_choice="required").invoke("Weather in Ipoh?")
+    message = llm.bind_tools([Forecast], tool_choice="required", strict=True).invoke("Weather in Ipoh?")
     (call,) = message.tool_calls
     assert call["name"] == "Forecast"
     Forecast.model_validate(call["args"])
@@ -232,14 +239,16 @@ def test_langchain_bind_tools_required(served: Served, use_responses_api: bool) 
 def test_langchain_with_structured_output(served: Served) -> None:
     llm = chat_openai(served, seed=1)
     assert isinstance(llm.with_structured_output(Forecast).invoke("Weather in Ipoh?"), Forecast)
-    by_call = llm.with_structured_output(Forecast, method="function_calling").invoke("Weather in Ipoh?")
+    # strict: the tool schema gets additionalProperties false (without it the grammar lets a random model
+    # add keys until the context is full).
+    by_call = llm.with_structured_output(Forecast, method="function_calling", strict=True).invoke("Weather in Ipoh?")
     assert isinstance(by_call, Forecast)
 
 
 @AUTO_CALLS
 def test_langchain_bind_tools_auto(served: Served) -> None:
-    llm = chat_openai(served, max_tokens=200, logit_bias={int(token_of(served, "<tool_call>")): 100})
-    message = llm.bind_tools([Forecast]).invoke("Weather in Ipoh?")
+    llm = chat_openai(served, max_tokens=200, extra_body={"logit_bias": {token_of(served, "<tool_call>"): 100}})
+    message = llm.bind_tools([Forecast], strict=True).invoke("Weather in Ipoh?")
     (call,) = message.tool_calls
     Forecast.model_validate(call["args"])
 
