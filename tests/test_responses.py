@@ -9,6 +9,7 @@ rendering of the conversation (through ``usage.input_tokens``), and what grammar
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +23,11 @@ from tests.servers import Served
 from tests.threaded import served_in_thread
 from trioserve.response_store import ResponseStore
 from trioserve.responses_protocol import Response as OurResponse
+from trioserve.responses_protocol import dump_event
+from trioserve.responses_stream import EventWriter
 from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
+from trioserve.toolcalls import FunctionCallDelta, ToolCallDelta
 
 pytestmark = pytest.mark.socket
 
@@ -357,3 +361,72 @@ def test_what_cannot_be_served_is_a_400_naming_the_param(served: Served, body: d
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def settle(served: Served) -> None:
+    """Waits (real time: the server runs in its own thread) until nothing runs and no KV is held."""
+    runner = served.engine.runner
+    assert runner is not None
+    deadline = time.monotonic() + 10
+    while served.engine.active or runner.live_sequences():
+        assert time.monotonic() < deadline, "the request was not released"
+        time.sleep(0.01)
+
+
+def test_a_disconnect_mid_stream_releases_the_request(served: Served) -> None:
+    body = {"model": "m", "input": "Go on", "stream": True, "max_output_tokens": 1500, "ignore_eos": True}
+    with httpx.stream("POST", served.url + "/v1/responses", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        while "response.output_text.delta" not in next(lines):
+            pass
+        assert served.engine.active == 1
+    settle(served)
+
+
+def test_admission_is_shared_with_chat_429_before_any_byte() -> None:
+    with served_in_thread(max_concurrent=1, max_queue=0) as served:
+        body = {"model": "m", "input": "Go on", "stream": True, "max_output_tokens": 1500, "ignore_eos": True}
+        with httpx.stream("POST", served.url + "/v1/responses", json=body, timeout=60) as busy:
+            assert busy.status_code == 200
+            refused = post(served, {"input": "Me too", "stream": True})
+            assert refused.status_code == 429 and refused.headers["retry-after"]
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+        settle(served)
+
+
+def test_the_event_writer_orders_reasoning_text_and_calls() -> None:
+    # Pure: the chat deltas a reasoning model's streamed call would give (reasoning, text, two calls whose
+    # arguments arrive in fragments), each event checked with the SDK's union.
+    writer = EventWriter()
+    events = [
+        *writer.reasoning("Let me "),
+        *writer.reasoning("think."),
+        *writer.text("Checking."),
+        *writer.call(ToolCallDelta(index=0, id="call_a", type="function", function=FunctionCallDelta(name="f"))),
+        *writer.call(ToolCallDelta(index=0, function=FunctionCallDelta(arguments='{"x": '))),
+        *writer.call(ToolCallDelta(index=1, id="call_b", type="function", function=FunctionCallDelta(name="g"))),
+        *writer.call(ToolCallDelta(index=0, function=FunctionCallDelta(arguments="1}"))),
+        *writer.finish("completed"),
+    ]
+    data = [dump_event(event) for event in events]
+    for item in data:
+        STREAM_EVENTS.validate_python(item)
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    assert [(d["type"], d.get("output_index")) for d in data if "output_item" in d["type"]] == [
+        ("response.output_item.added", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.output_item.done", 1),
+        ("response.output_item.added", 2),
+        ("response.output_item.added", 3),
+        ("response.output_item.done", 2),
+        ("response.output_item.done", 3),
+    ]
+    output = writer.output()
+    assert [item.type for item in output] == ["reasoning", "message", "function_call", "function_call"]
+    reasoning, message, first, second = output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Let me think."
+    assert message.type == "message" and message.content[0].text == "Checking."
+    assert first.type == "function_call" and (first.call_id, first.name, first.arguments) == ("call_a", "f", '{"x": 1}')
+    assert second.type == "function_call" and (second.call_id, second.arguments) == ("call_b", "")
+    assert "logprobs" not in next(d for d in data if d["type"] == "response.reasoning_text.delta")
