@@ -1,11 +1,12 @@
 """The agent frameworks users run, end to end against a real server on loopback: openai-agents (chat
 completions and Responses models), pydantic-ai, langchain-openai, and the openai SDK's tool helpers.
 
-The demo model has random weights, so its decisions are driven, never mocked: ``tool_choice`` "required"
-or named (the call is grammar-constrained), ``logit_bias`` on a token the grammar must choose between
-(the first letter of a tool's name), or, for ``tool_choice`` "auto", on the first token of the model's
-tool-call trigger (``<tool_call>`` for the demo's ChatML template). Tools take enum and integer arguments:
-a free string from a random model runs until it happens to sample a closing quote.
+The model is the demo's random-weight Llama with the tool-call and thinking markers added to its tokenizer
+as single tokens (as Qwen's tokenizers have them). Its decisions are driven, never mocked: ``tool_choice``
+"required" or named (the call is grammar-constrained), ``logit_bias`` on a token the grammar must choose
+between (the first letter of a tool's name), or, for ``tool_choice`` "auto", on the ``<tool_call>`` token
+that starts a call in the ChatML (Hermes) format. Tools take enum and integer arguments: a free string
+from a random model runs until it happens to sample a closing quote.
 
 The tests marked ``xfail`` need calls in auto mode, ``$defs`` in tool schemas, or a tool together with a
 JSON output format (issue 12, the tools branch); they are written the way they must pass.
@@ -25,10 +26,33 @@ import pytest
 
 from tests.servers import Served
 from tests.threaded import served_in_thread
+from trioserve.app import TrioserveApp
+from trioserve.cli import build_app
+from trioserve.config import Settings
+from trioserve.runner import TransformersRunner
+from trioserve.tinymodel import build_model, build_tokenizer
+from trioserve.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.socket
 
 AUTO_CALLS = pytest.mark.xfail(reason="needs auto tool calls (tools branch)", strict=False)
+MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+
+
+def marker_app() -> TrioserveApp:
+    """The demo app, its tokenizer with `MARKERS` as single added tokens (tests/toolmodel.py on the tools
+    branch builds the same model)."""
+
+    def load() -> TransformersRunner:
+        tokenizer = build_tokenizer()
+        tokenizer.add_tokens(MARKERS)
+        model = build_model(tokenizer)
+        eos = frozenset(int(i) for i in model.generation_config.eos_token_id)
+        return TransformersRunner(
+            model, ChatTokenizer(tokenizer), model_id="tiny-tools", max_batch_size=8, eos_token_ids=eos
+        )
+
+    return build_app(Settings(hotload=True, prefill_chunk=64, max_concurrent=8, max_queue=64), load=load)
 
 
 class Forecast(pydantic.BaseModel):
@@ -38,7 +62,8 @@ class Forecast(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    with served_in_thread(max_concurrent=8) as served:
+    with served_in_thread(marker_app) as served:
+        assert token_of(served, "<tool_call>") != token_of(served, "<")  # one token, so one bias drives it
         yield served
 
 

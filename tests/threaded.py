@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import trio
 
 from tests.servers import Served, demo_app, serve_on_loopback
+from trioserve.app import TrioserveApp
 
 
 @contextmanager
-def served_in_thread(**settings: Any) -> Iterator[Served]:
-    """The demo app (``settings`` as for `demo_app`) behind Hypercorn on loopback, until the block ends."""
+def served_in_thread(app: Callable[[], TrioserveApp] | None = None, **settings: Any) -> Iterator[Served]:
+    """``app()`` (default: the demo app, ``settings`` as for `demo_app`) behind Hypercorn on loopback, until
+    the block ends."""
     ready: queue.Queue[tuple[Served, trio.lowlevel.TrioToken, trio.CancelScope] | BaseException] = queue.Queue()
 
     async def main() -> None:
         with trio.CancelScope() as scope:
-            async with serve_on_loopback(demo_app(**settings)) as served:
+            async with serve_on_loopback(app() if app is not None else demo_app(**settings)) as served:
                 ready.put((served, trio.lowlevel.current_trio_token(), scope))
                 await trio.sleep_forever()
 
