@@ -25,34 +25,11 @@ import pydantic
 import pytest
 
 from tests.servers import Served
-from tests.threaded import served_in_thread
-from trioserve.app import TrioserveApp
-from trioserve.cli import build_app
-from trioserve.config import Settings
-from trioserve.runner import TransformersRunner
-from trioserve.tinymodel import build_model, build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from tests.threaded import marker_app, served_in_thread
 
 pytestmark = pytest.mark.socket
 
 AUTO_CALLS = pytest.mark.xfail(reason="needs auto tool calls (tools branch)", strict=False)
-MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
-
-
-def marker_app() -> TrioserveApp:
-    """The demo app, its tokenizer with `MARKERS` as single added tokens (tests/toolmodel.py on the tools
-    branch builds the same model)."""
-
-    def load() -> TransformersRunner:
-        tokenizer = build_tokenizer()
-        tokenizer.add_tokens(MARKERS)
-        model = build_model(tokenizer)
-        eos = frozenset(int(i) for i in model.generation_config.eos_token_id)
-        return TransformersRunner(
-            model, ChatTokenizer(tokenizer), model_id="tiny-tools", max_batch_size=8, eos_token_ids=eos
-        )
-
-    return build_app(Settings(hotload=True, prefill_chunk=64, max_concurrent=8, max_queue=64), load=load)
 
 
 class Forecast(pydantic.BaseModel):

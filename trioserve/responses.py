@@ -229,7 +229,9 @@ def _usage_of(usage: Usage, reasoning_tokens: int) -> ResponseUsage:
         input_tokens=usage.prompt_tokens,
         input_tokens_details=InputTokensDetails(),
         output_tokens=usage.completion_tokens,
-        output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
+        # Counted by re-encoding the reasoning text (the chat path does not count tokens per part): text
+        # that is not what the tokenizer would write re-encodes longer, so never more than was generated.
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=min(reasoning_tokens, usage.completion_tokens)),
         total_tokens=usage.total_tokens,
     )
 
