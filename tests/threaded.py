@@ -26,9 +26,13 @@ from trioserve.tokenization import ChatTokenizer
 
 MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 _PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-# R1-style: the assistant turn opens the thinking block, so the output starts inside it.
+# R1-style: the assistant turn opens the thinking block, so the output starts inside it; with
+# enable_thinking false it is rendered empty and closed (as Qwen3's template does).
 THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
-    _PROMPT, "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+    _PROMPT,
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}",
 )
 assert THINKING_TEMPLATE != CHATML_TEMPLATE
 
