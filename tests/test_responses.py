@@ -21,6 +21,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from tests.servers import Served
 from tests.threaded import served_in_thread, thinking_app
+from trioserve.config import load_settings
 from trioserve.response_store import ResponseStore
 from trioserve.responses_protocol import Response as OurResponse
 from trioserve.responses_protocol import dump_event
@@ -445,3 +446,17 @@ def test_thinking_becomes_a_reasoning_item() -> None:
         kinds = [e["type"] for e in events]
         assert kinds[2] == "response.output_item.added" and events[2]["item"]["type"] == "reasoning"
         assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+
+
+def test_the_store_size_is_a_flag_and_bounds_previous_response_id() -> None:
+    assert load_settings(["--responses-store-size", "3"], {}).responses_store_size == 3
+    assert load_settings([], {"RESPONSES_STORE_SIZE": "0"}).responses_store_size == 0
+    with served_in_thread(responses_store_size=1) as served:
+        first = post(served, {"input": "a", "max_output_tokens": 1}).json()
+        second = post(served, {"input": "b", "max_output_tokens": 1}).json()
+        assert (
+            post(served, {"input": "c", "previous_response_id": second["id"], "max_output_tokens": 1}).status_code
+            == 200
+        )
+        evicted = post(served, {"input": "c", "previous_response_id": first["id"]})
+        assert evicted.status_code == 400 and evicted.json()["error"]["code"] == "previous_response_not_found"

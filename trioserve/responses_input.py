@@ -37,6 +37,7 @@ CHAT_EXTENSIONS = frozenset(
         "ignore_eos",
         "request_timeout",
         "truncate",
+        "chat_template_kwargs",
     }
 )
 _TEXT_PART_TYPES = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
@@ -137,7 +138,7 @@ def responses_param(param: str) -> str:
     param = re.sub(r"^tools([.\[])(\d+)(\]?)\.function", r"tools\1\2\3", param)
     if param.startswith("messages"):
         return "input"  # the chat messages are instructions, history and input together: no exact path
-    return "max_output_tokens" if param == "max_completion_tokens" else param
+    return {"max_completion_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort"}.get(param, param)
 
 
 def _append(messages: list[ChatMessageDict], message: ChatMessageDict | None) -> None:
