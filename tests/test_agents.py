@@ -241,9 +241,9 @@ def test_langchain_bind_tools_required(served: Served, use_responses_api: bool) 
 
 def test_langchain_with_structured_output(served: Served) -> None:
     llm = chat_openai(served, seed=1)
-    assert isinstance(llm.with_structured_output(Forecast).invoke("Weather in Ipoh?"), Forecast)
-    # strict: the tool schema gets additionalProperties false (without it the grammar lets a random model
-    # add keys until the context is full).
+    # strict: the schema gets additionalProperties false (without it the grammar lets a random model add
+    # keys until the context is full).
+    assert isinstance(llm.with_structured_output(Forecast, strict=True).invoke("Weather in Ipoh?"), Forecast)
     by_call = llm.with_structured_output(Forecast, method="function_calling", strict=True).invoke("Weather in Ipoh?")
     assert isinstance(by_call, Forecast)
 
