@@ -37,10 +37,21 @@ from trioserve.httpio import (
 )
 from trioserve.metrics import CONTENT_TYPE, Metrics
 from trioserve.protocol import ChatCompletionRequest, CompletionRequest, dump
+from trioserve.response_store import ResponseStore
+from trioserve.responses import ResponseNotFound, ResponsesService
+from trioserve.responses_protocol import ResponsesRequest, dump_event
+from trioserve.tokens import DetokenizeRequest, TokenService, tokenize_request
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions")
+CHAT_PATHS = (
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/v1/completions",
+    "/completions",
+    "/v1/responses",
+    "/responses",
+)
 RequestBody = ChatCompletionRequest | CompletionRequest
 
 
@@ -91,6 +102,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     app.asgi_http_class = Connection
     chat = ChatService(engine, strict_model_name=settings.strict_model_name)
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
+    responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
+    tokens = TokenService(engine, strict_model_name=settings.strict_model_name)
     engine_scopes: list[trio.CancelScope] = []
 
     @app.before_serving
@@ -227,6 +240,72 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     @app.post("/completions")
     async def completions() -> Response:
         return await generate(legacy, CompletionRequest)
+
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def create_response() -> Response:
+        """The Responses API on the chat path (`trioserve.responses`): same admission, deadlines, cancellation."""
+        state = current_state()
+        if app.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        try:
+            body = ResponsesRequest.model_validate(await read_json(settings.max_body_bytes))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        turn = responses.translate(body)
+        prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat))
+        state.request_id = state.client_request_id or prepared.response_id
+        state.timing = prepared.chat.timing
+        streams = [state.own(engine.submit(generation)) for generation in prepared.chat.generations]
+        if not body.stream:
+            try:
+                return json_response(await responses.complete(prepared, streams))
+            except TrioserveError:
+                state.abort_reason = prepared.chat.timing.aborted
+                raise
+
+        async def events() -> AsyncIterator[bytes]:
+            async with aclosing(responses.stream(prepared, streams)) as items:
+                async for event in items:
+                    if event.type == "error":
+                        state.abort_reason = prepared.chat.timing.aborted or "error"
+                    yield f"event: {event.type}\n".encode() + sse_event(dump_event(event))
+
+        response = Response(events(), headers=SSE_HEADERS)
+        response.timeout = None
+        return response
+
+    @app.get("/v1/responses/<response_id>")
+    @app.get("/responses/<response_id>")
+    async def get_response(response_id: str) -> Response:
+        found = responses.get(response_id)
+        if found is None:
+            raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        return json_response(found)
+
+    @app.delete("/v1/responses/<response_id>")
+    @app.delete("/responses/<response_id>")
+    async def delete_response(response_id: str) -> Response:
+        if not responses.store.delete(response_id):
+            raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    @app.post("/tokenize")
+    async def tokenize() -> Response:
+        raw = await read_json(settings.max_body_bytes)
+        try:
+            body = tokenize_request(raw).model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        return json_response(await tokens.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize() -> Response:
+        try:
+            body = DetokenizeRequest.model_validate(await read_json(settings.max_body_bytes))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        return json_response(await tokens.detokenize(body))
 
     return app
 

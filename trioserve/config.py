@@ -54,6 +54,9 @@ class Settings(BaseModel):
     cors_origin: list[str] = Field([], description="allowed CORS origin (repeatable; '*' for any)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     strict_model_name: bool = Field(False, description="404 for requests naming another model")
+    responses_store_size: int = Field(
+        1000, ge=0, description="finished /v1/responses kept in memory for previous_response_id (LRU; 0: none)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @model_validator(mode="after")
@@ -95,6 +98,7 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "cors_origin": ("CORS_ORIGIN", "CORS_ORIGINS"),
     "max_body_bytes": ("MAX_BODY_BYTES",),
     "strict_model_name": ("STRICT_MODEL_NAME",),
+    "responses_store_size": ("RESPONSES_STORE_SIZE",),
     "log_level": ("LOG_LEVEL",),
 }
 
