@@ -89,6 +89,7 @@ class TokenStream:
         self._sequence = sequence
         self._receive = receive
         self._owner = owner
+        self._failure: TrioserveError | None = None  # drained behind events by `receive_ready`
 
     @property
     def request_id(self) -> str:
@@ -122,6 +123,7 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        self._raise_held_failure()
         try:
             item = await self._receive.receive()
         except trio.EndOfChannel:
@@ -129,3 +131,38 @@ class TokenStream:
         if isinstance(item, TrioserveError):
             raise item
         return item
+
+    async def receive_ready(self) -> list[TokenEvent]:
+        """Waits for the next event, then takes every event already waiting behind it, in order; an
+        empty list at the end of the stream.
+
+        A consumer that fell behind (a slow client, a busy event loop) thus catches up in one go and can
+        send what it took as one chunk: the number of tokens per wake-up adapts to the load.
+
+        Raises:
+            GenerationFailed: the forward pass carrying this sequence failed (after the events before
+                the failure have been returned).
+        """
+        self._raise_held_failure()
+        try:
+            first = await self._receive.receive()
+        except trio.EndOfChannel:
+            return []
+        if isinstance(first, TrioserveError):
+            raise first
+        events = [first]
+        receive_nowait = self._receive.receive_nowait
+        while True:
+            try:
+                item = receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return events
+            if isinstance(item, TrioserveError):
+                self._failure = item  # raised by the next call, once these events are delivered
+                return events
+            events.append(item)
+
+    def _raise_held_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
