@@ -149,7 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=0.0, help="--instant: sleep per step (a device step)")
     parser.add_argument("--server-root", help="--instant: serve the trioserve package found in this checkout")
     parser.add_argument("--repeats", type=int, default=1, help="--instant: runs per level (the best is kept)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="the GPU table: static generate, trioserve, transformers serve"
+    )
+    parser.add_argument("--layouts", help="--gpu: model layouts, of tiny, 1b, 8b (default 1b,8b on CUDA, else tiny)")
+    parser.add_argument("--models-dir", default="/tmp/trioserve-bench-models", help="--gpu: where models are built")
     args = parser.parse_args(argv)
+    if args.gpu:
+        from bench.gpu import run_gpu
+
+        return run_gpu(args)
     if args.instant:
         from bench.ceiling import run_ceiling
 
