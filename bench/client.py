@@ -47,6 +47,7 @@ class LevelResult:
         return {
             "concurrency": self.concurrency,
             "requests": self.requests,
+            "wall_seconds": self.wall_seconds,
             "output_tokens_per_s": self.output_tokens / self.wall_seconds,
             "events_per_s": self.events / self.wall_seconds,
             "tokens_per_event": self.output_tokens / max(1, self.events),

@@ -53,14 +53,22 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    command: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None, ready_s: float = 300
+    command: Sequence[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    ready_s: float = 300,
+    started: list[int] | None = None,
 ) -> Iterator[str]:
-    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards."""
+    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards. ``started``, if
+    given, receives the process id."""
     with log.open("w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
         )
         url = f"http://127.0.0.1:{port}"
+        if started is not None:
+            started.append(process.pid)
         try:
             deadline = time.monotonic() + ready_s
             while True:

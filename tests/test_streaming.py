@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.instant import InstantRunner
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, fake_token
 from trioserve.chat import ChatService
 from trioserve.completions import CompletionService
 from trioserve.engine import Engine
@@ -157,6 +157,21 @@ async def test_a_stop_string_inside_a_batch_cuts_there_with_the_same_usage(
     assert usage["completion_tokens"] == len(logprobs) < 40  # tokens up to the one completing the stop
 
 
+async def test_while_the_loop_is_behind_each_chunk_after_the_first_token_carries_two(
+    autojump_clock: trio.testing.MockClock, tokenizer: ChatTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = BODY | {"logprobs": True, "stop": ["stop"], "max_tokens": 60}
+    fast = await stream_chunks(tokenizer, body, 0)
+    # The engine's measurement of the loop's lag needs real threads; here the signal is set, and the
+    # serving policy that reads it is what is checked.
+    monkeypatch.setattr(Engine, "behind", property(lambda engine: True))
+    behind = await stream_chunks(tokenizer, body, 0)
+    assert summary(behind) == summary(fast)
+    counts = [len(choice["logprobs"]["content"]) for choice in content_chunks(behind)]
+    assert counts[0] == 1  # the first token is never held back
+    assert all(count >= 2 for count in counts[1:-1])
+
+
 async def test_choices_are_coalesced_each_on_its_own(
     autojump_clock: trio.testing.MockClock, tokenizer: ChatTokenizer
 ) -> None:
@@ -208,6 +223,19 @@ async def test_events_before_a_failed_step_arrive_then_the_failure(autojump_cloc
             with pytest.raises(GenerationFailed):
                 await stream.receive_ready()
             assert await stream.receive_ready() == []
+
+
+async def test_events_taken_before_a_deadline_are_not_lost(autojump_clock: trio.testing.MockClock) -> None:
+    request = GenerationRequest("r", (2, 3, 4), SamplingParams(max_tokens=20))
+    async with engine_on(FakeRunner()) as engine, engine.submit(request) as stream:
+        first = await stream.receive_ready()
+        with trio.move_on_after(0.0075):  # one more token comes (decode steps take 5 ms), not two
+            await stream.receive_ready(at_least=2)
+        taken = stream.take_received()
+        assert len(first) == len(taken) == 1
+        rest = await stream.receive_ready()
+        ids = [e.token.token_id for e in first + taken + rest]
+        assert ids == [fake_token("r", i) for i in range(len(ids))]
 
 
 def test_timing_shares_a_delivery_gap_among_its_tokens() -> None:
