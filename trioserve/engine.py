@@ -33,8 +33,9 @@ __all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]
 
 logger = logging.getLogger(__name__)
 
-# The event loop is "behind" when a finished step waits this long (on average) for the step loop to resume.
-# Idle, the hand-back from the worker thread takes ~0.1 ms; a loop saturated by 64 streams, milliseconds.
+# The event loop is "behind" when a finished step waits, on average, longer than this and than half a step
+# for the step loop to resume. Idle, the hand-back from the worker thread takes ~0.1 ms; a loop saturated by
+# 64 streams, milliseconds. Relative to the step, because holding a token back costs a step of latency.
 BEHIND_SECONDS = 0.001
 
 
@@ -106,6 +107,7 @@ class Engine:
         self._on_record = on_record
         self.failed_steps_in_a_row = 0
         self.loop_lag = 0.0  # seconds from a step's end to the step loop resuming (moving average)
+        self.step_seconds = 0.0  # a step's own duration in its thread (moving average)
         self._step_ended = 0.0
 
     # -- state for /health and metrics ----------------------------------------------------------------
@@ -114,7 +116,7 @@ class Engine:
     def behind(self) -> bool:
         """Whether the event loop is late to pick up finished steps: it is saturated (by streams, mostly),
         so streams should take tokens two at a time (see `GenerationService._next`)."""
-        return self.loop_lag > BEHIND_SECONDS
+        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 2)
 
     @property
     def loading(self) -> bool:
@@ -310,8 +312,10 @@ class Engine:
 
     def _timed_step(self, runner: Runner, plan: StepPlan) -> StepOutput:
         """``runner.step``, noting when it returned (in the worker thread) for `loop_lag`."""
+        started = time.perf_counter()
         output = runner.step(plan)
         self._step_ended = time.perf_counter()
+        self.step_seconds += 0.2 * (self._step_ended - started - self.step_seconds)
         return output
 
     def _apply_deferred_releases(self, runner: Runner) -> None:
