@@ -33,7 +33,7 @@ __all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]
 
 logger = logging.getLogger(__name__)
 
-# The event loop is "behind" when a finished step waits, on average, longer than this and than half a step
+# The event loop is "behind" when a finished step waits, on average, longer than this and a quarter step
 # for the step loop to resume. Idle, the hand-back from the worker thread takes ~0.1 ms; a loop saturated by
 # 64 streams, milliseconds. Relative to the step, because holding a token back costs a step of latency.
 BEHIND_SECONDS = 0.001
@@ -116,7 +116,7 @@ class Engine:
     def behind(self) -> bool:
         """Whether the event loop is late to pick up finished steps: it is saturated (by streams, mostly),
         so streams should take tokens two at a time (see `GenerationService._next`)."""
-        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 2)
+        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 4)
 
     @property
     def loading(self) -> bool:
