@@ -52,15 +52,25 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(command: Sequence[str], port: int, log: Path) -> Iterator[str]:
-    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards."""
+def server(
+    command: Sequence[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    ready_s: float = 300,
+    started: list[int] | None = None,
+) -> Iterator[str]:
+    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards. ``started``, if
+    given, receives the process id."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
         )
         url = f"http://127.0.0.1:{port}"
+        if started is not None:
+            started.append(process.pid)
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + ready_s
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"{command[0]} exited early; see {log}")
@@ -133,14 +143,36 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def parse_levels(text: str) -> list[tuple[int, int]]:
+    return [(int(c), int(n)) for c, n in (pair.split(":") for pair in text.split(","))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("--levels", default="1:4,4:8,16:32", help="concurrency:requests pairs")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", default=None, help="concurrency:requests pairs (default 1:4,4:8,16:32)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 64)")
     parser.add_argument("--skip-peers", action="store_true", help="do not run transformers serve")
     parser.add_argument("--trioserve-args", default="", help="extra flags for trioserve")
+    parser.add_argument("--instant", action="store_true", help="the HTTP side's ceiling: a runner with no model")
+    parser.add_argument("--step-ms", type=float, default=0.0, help="--instant: sleep per step (a device step)")
+    parser.add_argument("--server-root", help="--instant: serve the trioserve package found in this checkout")
+    parser.add_argument("--repeats", type=int, default=1, help="--instant: runs per level (the best is kept)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="the GPU table: static generate, trioserve, transformers serve"
+    )
+    parser.add_argument("--layouts", help="--gpu: model layouts, of tiny, 1b, 8b (default 1b,8b on CUDA, else tiny)")
+    parser.add_argument("--models-dir", default="/tmp/trioserve-bench-models", help="--gpu: where models are built")
     args = parser.parse_args(argv)
-    levels = [(int(c), int(n)) for c, n in (pair.split(":") for pair in args.levels.split(","))]
+    if args.gpu:
+        from bench.gpu import run_gpu
+
+        return run_gpu(args)
+    if args.instant:
+        from bench.ceiling import run_ceiling
+
+        return run_ceiling(args)
+    levels = parse_levels(args.levels or "1:4,4:8,16:32")
+    args.max_tokens = args.max_tokens or 64
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
 

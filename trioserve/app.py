@@ -32,14 +32,14 @@ from trioserve.httpio import (
     error_response,
     json_response,
     read_json,
-    sse_event,
     validation_error,
 )
 from trioserve.metrics import CONTENT_TYPE, Metrics
-from trioserve.protocol import ChatCompletionRequest, CompletionRequest, dump
+from trioserve.protocol import ChatCompletionRequest, CompletionRequest
 from trioserve.response_store import ResponseStore
 from trioserve.responses import ResponseNotFound, ResponsesService
 from trioserve.responses_protocol import ResponsesRequest, dump_event
+from trioserve.sse import ChunkEncoder, sse_event
 from trioserve.tokens import DetokenizeRequest, TokenService, tokenize_request
 
 logger = logging.getLogger(__name__)
@@ -218,13 +218,14 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
         async def events() -> AsyncIterator[bytes]:
             # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
+            encoder = ChunkEncoder()
             async with aclosing(service.stream(prepared, streams)) as items:
                 async for item in items:
                     if isinstance(item, TrioserveError):
                         state.abort_reason = prepared.timing.aborted or "error"
                         yield sse_event(item.to_dict())
                         return
-                    yield sse_event(dump(item))
+                    yield encoder.encode(item)
             yield b"data: [DONE]\n\n"
 
         response = Response(events(), headers=SSE_HEADERS)

@@ -13,9 +13,11 @@ planned; otherwise they are applied at once. So a released sequence's KV never r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +32,11 @@ from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToke
 __all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]
 
 logger = logging.getLogger(__name__)
+
+# The event loop is "behind" when a finished step waits, on average, longer than this and a quarter step
+# for the step loop to resume. Idle, the hand-back from the worker thread takes ~0.1 ms; a loop saturated by
+# 64 streams, milliseconds. Relative to the step, because holding a token back costs a step of latency.
+BEHIND_SECONDS = 0.001
 
 
 Offload = Callable[[Callable[[StepPlan], StepOutput], StepPlan, trio.CapacityLimiter], Awaitable[StepOutput]]
@@ -99,8 +106,17 @@ class Engine:
         self.history: deque[RequestRecord] = deque(maxlen=history)
         self._on_record = on_record
         self.failed_steps_in_a_row = 0
+        self.loop_lag = 0.0  # seconds from a step's end to the step loop resuming (moving average)
+        self.step_seconds = 0.0  # a step's own duration in its thread (moving average)
+        self._step_ended = 0.0
 
     # -- state for /health and metrics ----------------------------------------------------------------
+
+    @property
+    def behind(self) -> bool:
+        """Whether the event loop is late to pick up finished steps: it is saturated (by streams, mostly),
+        so streams should take tokens two at a time (see `GenerationService._next`)."""
+        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 4)
 
     @property
     def loading(self) -> bool:
@@ -284,15 +300,24 @@ class Engine:
                     sequence.started = now
             self._step_in_flight = plan
             try:
-                output = await self._offload(runner.step, plan, self.limiter)
+                output = await self._offload(functools.partial(self._timed_step, runner), plan, self.limiter)
             except Exception as exc:
                 self._apply_deferred_releases(runner)
                 self.failed_steps_in_a_row += 1
                 self._fail(plan, exc)
                 continue
             self.failed_steps_in_a_row = 0
+            self.loop_lag += 0.2 * (time.perf_counter() - self._step_ended - self.loop_lag)
             self._apply_deferred_releases(runner)
             self._deliver(plan, output, runner)
+
+    def _timed_step(self, runner: Runner, plan: StepPlan) -> StepOutput:
+        """``runner.step``, noting when it returned (in the worker thread) for `loop_lag`."""
+        started = time.perf_counter()
+        output = runner.step(plan)
+        self._step_ended = time.perf_counter()
+        self.step_seconds += 0.2 * (self._step_ended - started - self.step_seconds)
+        return output
 
     def _apply_deferred_releases(self, runner: Runner) -> None:
         self._step_in_flight = None

@@ -28,6 +28,7 @@ from trioserve.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
 from trioserve.protocol import dump
 from trioserve.serving import RequestTiming
+from trioserve.sse import sse_event as sse_event  # SSE framing lives in trioserve.sse; re-exported
 
 logger = logging.getLogger("trioserve")
 access_logger = logging.getLogger("trioserve.access")
@@ -157,10 +158,6 @@ def error_response(error: TrioserveError) -> Response:
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
     payload = dump(model) if isinstance(model, BaseModel) else model
     return Response(json.dumps(payload, ensure_ascii=False), status=status, content_type="application/json")
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
 async def read_json(max_body_bytes: int) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 
@@ -43,11 +43,13 @@ SYSTEM_FINGERPRINT = "trioserve-0.1"
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Text made certain by one token event, and the finish reason if the sequence ended there."""
+    """Text made certain by one or more token events taken together, and the finish reason if the sequence
+    ended there. ``logprobs`` has one entry per token (when asked for); ``tokens`` counts them."""
 
     text: str
     finish_reason: FinishReason | None
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: int = 1
 
 
 class TextAssembler:
@@ -73,6 +75,26 @@ class TextAssembler:
         logprobs = self._token_logprob(event) if self._logprobs else ()
         return Piece(shown, finish, logprobs)
 
+    def feed_all(self, events: Sequence[TokenEvent], is_eos: Callable[[TokenEvent], bool]) -> Piece:
+        """Takes events that arrived together as one piece: what feeding them one by one and joining the
+        pieces would give. Stops at the first that finishes the sequence (a stop string completed inside
+        the batch): the events after it are not consumed, and ``tokens`` says how many were."""
+        if len(events) == 1:
+            return self.feed(events[0], eos=is_eos(events[0]))
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        finish: FinishReason | None = None
+        consumed = 0
+        for event in events:
+            piece = self.feed(event, eos=is_eos(event))
+            consumed += 1
+            texts.append(piece.text)
+            logprobs.extend(piece.logprobs)
+            if piece.finish_reason is not None:
+                finish = piece.finish_reason
+                break
+        return Piece("".join(texts), finish, tuple(logprobs), consumed)
+
     def _token_logprob(self, event: TokenEvent) -> tuple[TokenLogprob, ...]:
         def entry(token_id: int, logprob: float) -> TopLogprob:
             raw = self._tokenizer.token_bytes(token_id)
@@ -97,12 +119,16 @@ class RequestTiming:
     finish_reason: str | None = None
     aborted: str | None = None  # "deadline" or "error" when serving ended it
 
-    def token(self, now: float) -> None:
-        self.completion_tokens += 1
+    def tokens(self, now: float, count: int) -> None:
+        """``count`` tokens taken at ``now``. When several come at once, the time since the previous
+        delivery is shared evenly among them (so the gaps still sum to the decode time and number one per
+        token after the first delivery)."""
+        self.completion_tokens += count
         if self.first_token is None:
             self.first_token = now
         elif self.last_token is not None:
-            self.gaps.append(now - self.last_token)
+            gap = (now - self.last_token) / count
+            self.gaps.extend([gap] * count)
         self.last_token = now
 
 
@@ -207,26 +233,32 @@ class GenerationService:
                 generations.append(GenerationRequest(request_id, tuple(prompt), dataclasses.replace(base, seed=seed)))
         return tuple(generations)
 
-    async def _next(self, prepared: Prepared, stream: TokenStream) -> TokenEvent | None:
-        """The next token event, or None at the end.
+    async def _next(self, prepared: Prepared, stream: TokenStream) -> list[TokenEvent]:
+        """The next token events: every event waiting, at least one; an empty list at the end.
+
+        While the event loop is behind (`Engine.behind`: the streams' own work delays the step loop), a
+        stream past its first token waits for two, so each chunk carries at least two tokens and the
+        per-chunk work (serialization, the HTTP send) is halved when it is what holds everything back.
 
         The deadline is applied to each wait, never across a ``yield``: a cancel scope must not stay open
-        while an async generator is suspended, so the streaming path checks it here, token by token.
+        while an async generator is suspended, so the streaming path checks it here, wait by wait. Events
+        already taken when the deadline passes are returned first. Tokens are counted in the request's
+        timing by the caller, as they are consumed.
 
         Raises:
             DeadlineExceeded: the request's deadline passed while waiting.
         """
         timing = prepared.timing
+        at_least = 2 if timing.first_token is not None and self.engine.behind else 1
         with trio.move_on_at(timing.deadline):
             try:
-                event = await stream.__anext__()
-            except StopAsyncIteration:
-                return None
+                return await stream.receive_ready(at_least)
             except TrioserveError:
                 timing.aborted = "error"
                 raise
-            timing.token(trio.current_time())
-            return event
+        events = stream.take_received()
+        if events:
+            return events  # taken before the deadline passed; the next wait raises at once
         timing.aborted = "deadline"
         raise DeadlineExceeded(
             f"the request took longer than its deadline ({timing.deadline - timing.arrived:g} s)",
@@ -246,7 +278,9 @@ class GenerationService:
     async def _pieces(
         self, prepared: Prepared, streams: Sequence[TokenStream]
     ) -> AsyncGenerator[tuple[int, Piece], None]:
-        """Text pieces of every choice, as (index, piece), taking the choices in turn.
+        """Text pieces of every choice, as (index, piece), taking the choices in turn. A piece carries every
+        token that was waiting for its choice (at least one), so a consumer that fell behind catches up in
+        one chunk rather than one chunk per token.
 
         Every running sequence gets a token each step, so waiting on one choice's stream never starves the
         others (their tokens wait in their buffers). Each stream is closed as soon as its choice finishes
@@ -258,12 +292,14 @@ class GenerationService:
         """
         assemblers = [self._assembler(prepared, index) for index in range(len(streams))]
         active = list(range(len(streams)))
+        timing = prepared.timing
         while active:
             for index in list(active):
-                event = await self._next(prepared, streams[index])
-                if event is None:
+                events = await self._next(prepared, streams[index])
+                if not events:
                     raise Unavailable("the request was cancelled by the server")
-                piece = assemblers[index].feed(event, eos=self._is_eos(event))
+                piece = assemblers[index].feed_all(events, self._is_eos)
+                timing.tokens(trio.current_time(), piece.tokens)
                 if piece.finish_reason is not None:
                     streams[index].close()
                     active.remove(index)

@@ -89,6 +89,9 @@ class TokenStream:
         self._sequence = sequence
         self._receive = receive
         self._owner = owner
+        self._taken: list[TokenEvent] = []  # received, not yet handed out
+        self._failure: TrioserveError | None = None  # received behind `_taken`; raised once they are out
+        self._ended = False
 
     @property
     def request_id(self) -> str:
@@ -122,6 +125,9 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        if self._taken:
+            return self._taken.pop(0)
+        self._raise_held_failure()
         try:
             item = await self._receive.receive()
         except trio.EndOfChannel:
@@ -129,3 +135,63 @@ class TokenStream:
         if isinstance(item, TrioserveError):
             raise item
         return item
+
+    async def receive_ready(self, at_least: int = 1) -> list[TokenEvent]:
+        """Waits for events, then takes every event already waiting too, in order; an empty list at the
+        end of the stream. Returns once it holds ``at_least`` events, or the sequence has finished, ended
+        or failed.
+
+        A consumer that fell behind (a slow client, a busy event loop) thus catches up in one go and can
+        send what it took as one chunk. Events taken before a cancellation (a deadline) are not lost: the
+        next call, or `take_received`, returns them.
+
+        Raises:
+            GenerationFailed: the forward pass carrying this sequence failed (once the events before the
+                failure have been returned).
+        """
+        # A cancellation point even when events are waiting: a passed deadline is noticed at every call.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._holds(at_least):
+            try:
+                item = await self._receive.receive()
+            except trio.EndOfChannel:
+                self._ended = True
+                break
+            self._take(item)
+        if not self._taken:
+            self._raise_held_failure()
+        return self.take_received()
+
+    def take_received(self) -> list[TokenEvent]:
+        """The events a cancelled `receive_ready` had already taken from the channel (often none)."""
+        events, self._taken = self._taken, []
+        return events
+
+    def _holds(self, at_least: int) -> bool:
+        self._drain()
+        taken = self._taken
+        finished = bool(taken) and taken[-1].finish_reason is not None
+        return self._ended or self._failure is not None or finished or len(taken) >= at_least
+
+    def _take(self, item: TokenEvent | TrioserveError) -> None:
+        if isinstance(item, TrioserveError):
+            self._failure = item  # raised once the events before it have been handed out
+        else:
+            self._taken.append(item)
+
+    def _drain(self) -> None:
+        receive_nowait = self._receive.receive_nowait
+        while self._failure is None:
+            try:
+                item = receive_nowait()
+            except trio.WouldBlock:
+                return
+            except trio.EndOfChannel:
+                self._ended = True
+                return
+            self._take(item)
+
+    def _raise_held_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
