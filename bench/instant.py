@@ -44,6 +44,7 @@ class InstantRunner:
     model_id: str = "instant"
     max_context: int = 1 << 20
     max_batch_size: int = 1024
+    prefill_whole: bool = False
     step_seconds: float = 0.0
     positions: dict[int, int] = field(default_factory=dict)  # tokens held per sequence (its "KV")
     generated: dict[int, int] = field(default_factory=dict)
