@@ -18,6 +18,11 @@ DType = Literal["auto", "bfloat16", "float16", "float32", "float64"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+# The names of `toolparsers.PARSER_NAMES` and `reasoning.PARSER_NAMES` (config imports neither).
+ToolCallParser = Literal[
+    "auto", "none", "hermes", "llama3_json", "mistral", "json", "qwen", "qwen2_5", "qwen3", "llama", "llama3"
+]
+ReasoningParser = Literal["auto", "none", "think", "deepseek_r1", "qwen3"]
 
 
 class Settings(BaseModel):
@@ -49,6 +54,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     strict_model_name: bool = Field(False, description="404 for requests naming another model")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    tool_call_parser: ToolCallParser = Field(
+        "auto", description="tool-call syntax: auto (from the chat template), none, or one by name"
+    )
+    reasoning_parser: ReasoningParser = Field(
+        "auto", description="thinking block: auto (from the chat template), none, or think"
+    )
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
@@ -88,6 +99,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_body_bytes": ("MAX_BODY_BYTES",),
     "strict_model_name": ("STRICT_MODEL_NAME",),
     "log_level": ("LOG_LEVEL",),
+    "tool_call_parser": ("TOOL_CALL_PARSER",),
+    "reasoning_parser": ("REASONING_PARSER",),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -19,7 +19,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from trioserve.errors import InvalidRequest, OutOfMemory
-from trioserve.guided import GuideFactory, json_grammar
+from trioserve.grammars import output_grammar
+from trioserve.guided import GuideFactory
 from trioserve.sampling import SequenceSampler, sample_rows
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
@@ -130,7 +131,7 @@ class TransformersRunner:
                 f"JSON response_format and forced tool calls are not available for this model: {reason}",
                 param=spec.param,
             )
-        return json_grammar(dict(spec.schema), strict=spec.strict, param=spec.param)
+        return output_grammar(spec)
 
     def live_sequences(self) -> int:
         return len(self._sequences)
