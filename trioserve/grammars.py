@@ -119,7 +119,7 @@ def _calls(
     if syntax.array:
         schema = {"$defs": schema.pop("$defs"), "type": "array", "items": schema, "minItems": 1}
         schema |= {} if parallel else {"maxItems": 1}
-    rules.append(f"call: %json {_options(schema, strict)}")
+    rules.append(f"call: %json {_options(schema, strict, CALL_JSON)}")
     separator, padding = _literal(syntax.separator), _literal(syntax.padding)
     close = _marker(syntax.close) if syntax.close is not None else ""
     opening = _marker(syntax.open) if syntax.open is not None else ""
@@ -152,10 +152,15 @@ def _marker(marker: Marker) -> str:
     return f"<[{marker.token_id}]>" if marker.token_id is not None else json.dumps(marker.text)
 
 
-def _options(schema: Mapping[str, Any], strict: bool) -> str:
-    """A schema for ``%json``, with the whitespace limit of `JSON_DEFAULTS` and the strictness asked for (a
-    schema's own "x-guidance" options win)."""
-    options = dict(JSON_DEFAULTS) | {"lenient": not strict} | dict(schema.get("x-guidance") or {})
+# Calls are written as chat templates render them (Jinja's tojson, Python's json.dumps): ", " and ": ", no
+# other whitespace. In distribution for the model, and no tokens spent on whitespace.
+CALL_JSON: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _options(schema: Mapping[str, Any], strict: bool, layout: Mapping[str, Any] = JSON_DEFAULTS) -> str:
+    """A schema for ``%json``, with the whitespace ``layout`` and the strictness asked for (a schema's own
+    "x-guidance" options win)."""
+    options = dict(layout) | {"lenient": not strict} | dict(schema.get("x-guidance") or {})
     return json.dumps(dict(schema) | {"x-guidance": options})
 
 

@@ -151,7 +151,7 @@ class CallParser:
     @property
     def open_call(self) -> str:
         """The raw text of a call started and not completed (with its opening marker), else empty."""
-        return self._raw.strip() if self._call is not None else ""
+        return self._raw.lstrip() if self._call is not None else ""
 
     def _text(self, text: str, events: list[CallEvent]) -> str:
         """Consumes content; returns the text after the calls opened (empty while they have not)."""
