@@ -109,7 +109,7 @@ async def test_a_call_cut_by_max_tokens_stays_text(served: Served) -> None:
     choice = completion.choices[0]
     assert choice.finish_reason == "length"
     assert choice.message.tool_calls is None
-    assert choice.message.content.startswith('<tool_call>\n{"name": ')
+    assert choice.message.content.startswith('<tool_call>\n{"name":')
 
 
 async def test_the_conversation_goes_on_after_a_call(served: Served) -> None:
