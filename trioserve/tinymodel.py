@@ -28,7 +28,7 @@ DEMO_MODEL_ID = "trioserve-tiny-random"
 CHATML_TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\n# Tools\n<tools>' }}"
     "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
-    "{{ '\n</tools>\nFor each call, return {\"name\": ..., \"arguments\": ...} within <tool_call></tool_call>"
+    '{{ \'\n</tools>\nFor each call, return {"name": ..., "arguments": ...} within <tool_call></tool_call>'
     " tags.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"

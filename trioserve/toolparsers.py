@@ -187,6 +187,10 @@ class CallParser:
                 self._raw += char
                 return  # wrapping between calls: markers, padding, separators, array brackets
             self._call = _CallScanner(self._calls, call_id(self._syntax), self._syntax.arguments_key)
+            # What a cut-short call shows as text: from its own opening marker (each-call syntaxes), else
+            # the opening of the calls for the first one.
+            at = self._raw.rfind(self._syntax.open.text) if self._syntax.each and self._syntax.open else -1
+            self._raw = self._raw[at:] if at >= 0 else self._raw if self._calls == 0 else ""
         self._raw += char
         self._call.push(char, events)
         if self._call.done:
