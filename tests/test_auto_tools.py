@@ -18,7 +18,7 @@ import pydantic
 import pytest
 
 from tests.servers import Served, chat, serve_on_loopback, with_sdk
-from tests.toolmodel import tool_app, token
+from tests.toolmodel import token, tool_app
 
 pytestmark = pytest.mark.socket
 
