@@ -87,7 +87,7 @@ def _answer(spec: OutputSchema, rules: list[str]) -> str:
         rules.append(f"answer: %json {_options(spec.schema, spec.strict)}")
         return "answer"
     syntax = spec.calls
-    if spec.tools and syntax is not None and syntax.at_start and syntax.open is None:
+    if spec.tools and syntax is not None and syntax.at_start:
         # Calls are bare JSON at the start: text that starts with "{" would be a call, so text may not.
         rules.append(r"TEXT: /[^{](.|\n)*/")
     else:
