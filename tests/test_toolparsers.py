@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import get_args
 
 import llguidance.hf
 import pytest
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerBase
 
+from trioserve import reasoning, toolparsers
 from trioserve.chatoutput import ChoiceReader, OutputPlan, message_of
+from trioserve.config import ConfigError, ReasoningParser, ToolCallParser, load_settings
 from trioserve.errors import InvalidRequest
 from trioserve.grammars import output_grammar
 from trioserve.reasoning import choose_thinking, prompt_opens
@@ -28,7 +31,7 @@ from trioserve.toolparsers import (
     Content,
     detect_syntax,
 )
-from trioserve.types import CallSyntax, FinishReason, OutputSchema, ToolSpec
+from trioserve.types import CallSyntax, FinishReason, Marker, OutputSchema, ToolSpec
 
 CITY = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}}, "required": ["name"]}
 TRIP = {  # pydantic's shape for a nested model: a root reference into $defs
@@ -155,3 +158,21 @@ def test_thinking_split() -> None:
     assert (message.reasoning_content, message.content) == ("x", "y")
     message, _ = message_of(OutputPlan(thinking=thinking), "no thinking <think>", FinishReason.STOP)
     assert (message.reasoning_content, message.content) == (None, "no thinking <think>")
+
+
+def test_parser_flags_name_the_known_parsers() -> None:
+    assert set(get_args(ToolCallParser)) == set(toolparsers.PARSER_NAMES)
+    assert set(get_args(ReasoningParser)) == set(reasoning.PARSER_NAMES)
+    settings = load_settings(["--tool-call-parser", "qwen3"], {"REASONING_PARSER": "none"})
+    assert (settings.tool_call_parser, settings.reasoning_parser) == ("qwen3", "none")
+    with pytest.raises(ConfigError):
+        load_settings([], {"TOOL_CALL_PARSER": "nonsense"})
+
+
+def test_markers_become_tokens_where_the_tokenizer_has_them() -> None:
+    ids = {"[TOOL_CALLS]": 7}
+    syntax = toolparsers.choose_syntax("auto", "{{ '[TOOL_CALLS]' }}", ids.get)
+    assert syntax is not None and syntax.open == Marker("[TOOL_CALLS]", 7)
+    assert toolparsers.choose_syntax("hermes", "", ids.get) == HERMES  # no tokens: text markers
+    assert toolparsers.choose_syntax("none", CHATML_TEMPLATE, ids.get) is None
+    assert toolparsers.choose_syntax("llama", "", ids.get) == LLAMA3_JSON
