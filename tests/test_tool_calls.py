@@ -1,6 +1,7 @@
 """Forced tool calls (``tool_choice`` "required" or a named function) through the official `openai` SDK
-against a real server: the call is sampled under a grammar, so even the random demo model names a real
-tool with arguments matching its schema."""
+against a real server: the call is sampled under a grammar, in the model's own call syntax (the demo model's
+template teaches the Hermes ``<tool_call>`` one), so even the random demo model names a real tool with
+arguments matching its schema."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ async def test_a_named_function_is_called_with_matching_arguments(served: Served
 
 
 async def test_required_calls_one_of_the_tools(served: Served) -> None:
-    completion = await chat(served, messages=ASK, tools=[WEATHER, CLOCK], tool_choice="required", n=6, seed=3)
+    completion = await chat(
+        served, messages=ASK, tools=[WEATHER, CLOCK], tool_choice="required", n=6, seed=3, parallel_tool_calls=False
+    )
     names = set()
     for choice in completion.choices:
         assert choice.finish_reason == "tool_calls"
@@ -88,23 +91,25 @@ async def test_required_calls_one_of_the_tools(served: Served) -> None:
     assert names <= {"get_weather", "get_time"}
 
 
-async def test_a_streamed_call_arrives_as_one_tool_calls_delta(served: Served) -> None:
+async def test_a_streamed_call_arrives_as_name_then_argument_fragments(served: Served) -> None:
     chunks = await chat(served, messages=ASK, tools=[WEATHER], tool_choice=NAMED, seed=2, stream=True)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert not any(d.content for d in deltas)  # nothing of the call leaks as text
     calls = [call for d in deltas for call in d.tool_calls or []]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
-    assert calls[0].function.name == "get_weather"
-    check_weather(calls[0].function.arguments)
+    first, rest = calls[0], calls[1:]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    assert len(rest) > 1 and all(c.index == 0 and c.id is None and c.function.name is None for c in rest)
+    check_weather("".join(c.function.arguments for c in rest))
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
 
 
 async def test_a_call_cut_by_max_tokens_stays_text(served: Served) -> None:
-    completion = await chat(served, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=4, seed=1)
+    completion = await chat(served, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=20, seed=1)
     choice = completion.choices[0]
     assert choice.finish_reason == "length"
     assert choice.message.tool_calls is None
-    assert choice.message.content.startswith("{")
+    assert choice.message.content.startswith('<tool_call>\n{"name":')
 
 
 async def test_the_conversation_goes_on_after_a_call(served: Served) -> None:
@@ -115,10 +120,10 @@ async def test_the_conversation_goes_on_after_a_call(served: Served) -> None:
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 31 C"},
     ]
-    second = await chat(served, messages=history, tools=[WEATHER], tool_choice="auto", max_tokens=5)
+    second = await chat(served, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=5)
     assert second.choices[0].message.content is not None and second.choices[0].message.tool_calls is None
     # The earlier call reached the template with its arguments as a mapping (as templates expect), and with
-    # "auto" the tools themselves are not shown (the answer is text).
+    # "none" the tools themselves are not shown.
     rendered = [
         *ASK,
         {"role": "assistant", "content": "", "tool_calls": [call.model_dump() | {"function": {
@@ -151,8 +156,8 @@ async def test_sdk_parse_with_a_pydantic_function_tool(served: Served) -> None:
     [
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
         ({"tool_choice": "required"}, "needs tools"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be"),
         ({"tools": [WEATHER], "tool_choice": "required", "ignore_eos": True}, "ignore_eos"),
+        ({"tools": [WEATHER], "ignore_eos": True}, "ignore_eos"),
         (
             {
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}],
@@ -160,6 +165,7 @@ async def test_sdk_parse_with_a_pydantic_function_tool(served: Served) -> None:
             },
             "Invalid schema",
         ),
+        ({"tools": [WEATHER], "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
     ],
 )
@@ -172,3 +178,13 @@ async def test_bad_tool_requests_are_400(served: Served, body: dict[str, Any], f
     assert isinstance(error, dict) and error["type"] == "invalid_request_error"
     assert fragment in error["message"]
     assert error["param"] is not None
+
+
+async def test_a_bad_schema_is_blamed_on_its_own_tool(served: Served) -> None:
+    broken = {"type": "function", "function": {"name": "broken", "parameters": {"$ref": "#/$defs/Missing"}}}
+    for choice in ("auto", "required"):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await chat(served, messages=ASK, tools=[WEATHER, broken], tool_choice=choice)
+        error = caught.value.body
+        assert isinstance(error, dict) and error["param"] == "tools[1].function.parameters"
+        assert "Missing" in error["message"]

@@ -100,7 +100,12 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         on_request_end = staticmethod(lambda state, ended: _request_ended(app, state, ended))
 
     app.asgi_http_class = Connection
-    chat = ChatService(engine, strict_model_name=settings.strict_model_name)
+    chat = ChatService(
+        engine,
+        strict_model_name=settings.strict_model_name,
+        tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
+    )
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
     tokens = TokenService(engine, strict_model_name=settings.strict_model_name)

@@ -1,22 +1,26 @@
 """Chat completions (``POST /v1/chat/completions``): messages through the model's chat template, the chat
-shapes, and forced tool calls made into ``tool_calls``.
+shapes, tool calls and the thinking block.
 
 Shares admission, choices as sequences, deadlines, stop strings and usage with legacy completions
-(`serving.GenerationService`).
+(`serving.GenerationService`). What the output must look like (a JSON answer, calls in the model's own
+syntax, a thinking block first) is described as an `OutputSchema` and compiled by the runner; how to read
+it back is an `OutputPlan` (`chatoutput`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
 
 import trio
 
-from trioserve.engine import TokenStream
+from trioserve.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
+from trioserve.engine import Engine, TokenStream
 from trioserve.errors import TrioserveError
 from trioserve.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -28,27 +32,71 @@ from trioserve.protocol import (
     chat_completion_id,
     now,
 )
+from trioserve.reasoning import choose_thinking, prompt_opens
 from trioserve.serving import (
     SYSTEM_FINGERPRINT,
-    Collected,
     GenerationService,
     Prepared,
     RequestTiming,
     resolve_max_tokens,
     usage_of,
 )
-from trioserve.toolcalls import FunctionCallDelta, ToolCallDelta, parse_call
-from trioserve.types import FinishReason
+from trioserve.toolcalls import tool_specs
+from trioserve.toolparsers import BARE_JSON, choose_syntax
+from trioserve.types import CallSyntax, OutputSchema, Runner, Thinking, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ChatPrepared(Prepared):
+    """A prepared chat request, with how to read its outputs."""
+
+    plan: OutputPlan = dataclasses.field(default_factory=OutputPlan)
+
+
 class ChatService(GenerationService):
-    """Chat completions: messages through the model's chat template."""
+    """Chat completions: messages through the model's chat template.
+
+    Args:
+        engine: the engine serving the model.
+        strict_model_name: refuse requests naming another model (404) instead of serving them anyway.
+        tool_call_parser: the call syntax (`toolparsers`): "auto" reads it from the chat template, "none"
+            turns calls in ``tool_choice`` "auto" off.
+        reasoning_parser: the thinking block (`reasoning`): "auto" if the chat template has one, "none" off.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        strict_model_name: bool = False,
+        tool_call_parser: str = "auto",
+        reasoning_parser: str = "auto",
+    ) -> None:
+        super().__init__(engine, strict_model_name=strict_model_name)
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
+        self._formats: tuple[Tokenizer, CallSyntax | None, Thinking | None] | None = None
+        self._reported_unparsed_tools = False
+
+    def output_formats(self, tokenizer: Tokenizer) -> tuple[CallSyntax | None, Thinking | None]:
+        """The model's call syntax and thinking block (from its template, or as configured); once per model."""
+        if self._formats is None or self._formats[0] is not tokenizer:
+            template = tokenizer.chat_template
+            syntax = choose_syntax(self.tool_call_parser, template, tokenizer.token_id)
+            thinking = choose_thinking(self.reasoning_parser, template, tokenizer.token_id)
+            self._formats = (tokenizer, syntax, thinking)
+            logger.info(
+                "output parsers: tool calls %s, reasoning %s",
+                syntax.name if syntax else "none",
+                "think" if thinking else "none",
+            )
+        return self._formats[1], self._formats[2]
 
     async def prepare(
         self, body: ChatCompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
-    ) -> Prepared:
+    ) -> ChatPrepared:
         """Validates against the model and builds the engine request.
 
         Args:
@@ -64,26 +112,45 @@ class ChatService(GenerationService):
         arrived = trio.current_time()
         runner = await self.engine.ensure_loaded()
         self._check(body, body.model, runner)
-        if body.tools and not body.forced_tools() and not self._reported_unforced_tools:
-            self._reported_unforced_tools = True  # once: agent frameworks send tools with every request
-            logger.warning(
-                "tools with tool_choice 'auto' or 'none' are answered in text: this server only makes forced "
-                "tool calls (tool_choice 'required' or a named function)"
-            )
-        prompt_ids = runner.tokenizer.encode_chat(
-            [m.for_template() for m in body.messages], tools=body.tools_for_template()
+        tokenizer = runner.tokenizer
+        syntax, thinking = self.output_formats(tokenizer)
+        in_play, forced = body.tools_in_play(), body.forced_tools()
+        if in_play and syntax is None:
+            if forced:
+                syntax = BARE_JSON  # a forced call needs no syntax of the model's: the grammar writes it
+            else:
+                in_play = []
+                self._report_unparsed_tools()
+        prompt = tokenizer.render_chat(
+            [m.for_template() for m in body.messages],
+            tools=[tool.for_template() for tool in in_play] or None,
+            template_kwargs=body.template_kwargs(),
         )
+        if thinking is not None:
+            thinking = dataclasses.replace(thinking, opened=prompt_opens(prompt, thinking))
+        prompt_ids = tokenizer.encode(prompt)
         if body.truncate is not None:
             prompt_ids = prompt_ids[-body.truncate :]
         max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
+        answer = body.output_schema()
+        spec = OutputSchema(
+            schema=answer.schema if answer is not None else None,
+            strict=answer.strict if answer is not None else False,
+            param=answer.param if answer is not None else "response_format",
+            tools=tool_specs(body.tools or [], in_play),
+            calls=syntax if in_play else None,
+            required=bool(forced),
+            parallel=body.parallel_tool_calls is not False and not body.named_tool,
+            thinking=thinking,
+        )
         params = body.to_sampling_params(
             max_tokens=max_tokens,
             vocab_size=runner.vocab_size,
             logprobs=body.requested_logprobs(),
-            grammar=await self._grammar(body, runner),
+            grammar=await _compile(spec, runner),
         )
         completion_id = request_id or chat_completion_id()
-        return Prepared(
+        return ChatPrepared(
             body=body,
             generations=self._choices(completion_id, [prompt_ids], [params], body.n),
             completion_id=completion_id,
@@ -92,13 +159,23 @@ class ChatService(GenerationService):
             stops=body.stop_strings(),
             timing=RequestTiming(arrived=arrived, deadline=arrived + time_limit, prompt_tokens=len(prompt_ids)),
             logprobs=body.logprobs,
+            plan=OutputPlan(calls=spec.calls, thinking=thinking, named=body.named_tool),
         )
+
+    def _report_unparsed_tools(self) -> None:
+        if not self._reported_unparsed_tools:
+            self._reported_unparsed_tools = True  # once: agent frameworks send tools with every request
+            logger.warning(
+                "tools with tool_choice 'auto' are answered in text: no tool-call syntax was found in this "
+                "model's chat template (set --tool-call-parser to name one)"
+            )
 
     async def complete(self, prepared: Prepared, streams: Sequence[TokenStream]) -> ChatCompletion:
         """Collects a whole completion (one choice per stream); every stream is closed when it returns."""
+        plan = _plan_of(prepared)
         choices = []
         for index, choice in enumerate(await self._collect(prepared, streams)):
-            message, finish = _answer(prepared, choice.text, choice.finish)
+            message, finish = message_of(plan, choice.text, choice.finish)
             logprobs = ChoiceLogprobs(content=choice.logprobs) if prepared.logprobs else None
             choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish))
         return ChatCompletion(
@@ -115,10 +192,9 @@ class ChatService(GenerationService):
     ) -> AsyncGenerator[ChatCompletionChunk | TrioserveError, None]:
         """Yields the chunks of a streamed completion, or one error (after which the stream ends).
 
-        Per choice: a first chunk with the role, content deltas, a chunk with its finish reason; then one
-        usage chunk if asked for. A forced tool call is held back until its choice finishes, then sent as one
-        ``tool_calls`` delta (it is only a call once it is complete). Streams are closed as their choices
-        finish, and all of them when the generator is closed.
+        Per choice: a first chunk with the role, then content, ``reasoning_content`` and ``tool_calls``
+        deltas as the output is read (`chatoutput`), a chunk with its finish reason; then one usage chunk if
+        asked for. Streams are closed as their choices finish, and all of them when the generator is closed.
         """
 
         def chunk(
@@ -138,7 +214,8 @@ class ChatService(GenerationService):
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
-        held = [Collected() for _ in streams] if _forced_call(prepared) else None
+        plan = _plan_of(prepared)
+        readers = [ChoiceReader(plan) for _ in streams]
         finished: list[str] = []
         async with AsyncExitStack() as owned:
             for stream in streams:
@@ -148,17 +225,18 @@ class ChatService(GenerationService):
             try:
                 async with aclosing(self._pieces(prepared, streams)) as pieces:
                     async for index, piece in pieces:
-                        if held is not None:
-                            held[index].parts.append(piece.text)
-                            held[index].logprobs.extend(piece.logprobs)
-                        elif piece.text or piece.logprobs:
-                            yield chunk(index, Delta(content=piece.text), logprobs=piece.logprobs)
+                        reader = readers[index]
+                        events = reader.feed(piece.text)
+                        if piece.finish_reason is not None:
+                            events += reader.finish()
+                        deltas = deltas_of(events)
+                        if not deltas and piece.logprobs:
+                            deltas = [Delta(content="")]  # the token's logprobs, its text held back
+                        for n, delta in enumerate(deltas):
+                            yield chunk(index, delta, logprobs=piece.logprobs if n == 0 else ())
                         if piece.finish_reason is None:
                             continue
-                        finish: str | None = piece.finish_reason.value
-                        if held is not None:
-                            message, finish = _answer(prepared, held[index].text, piece.finish_reason)
-                            yield chunk(index, _delta_of(message), logprobs=held[index].logprobs)
+                        finish = reader.finish_reason(piece.finish_reason)
                         finished.append(finish or "")
                         yield chunk(index, Delta(), finish)
             except TrioserveError as error:
@@ -177,30 +255,18 @@ class ChatService(GenerationService):
                 )
 
 
-def _forced_call(prepared: Prepared) -> bool:
-    body = prepared.body
-    return isinstance(body, ChatCompletionRequest) and bool(body.forced_tools())
+def _plan_of(prepared: Prepared) -> OutputPlan:
+    return prepared.plan if isinstance(prepared, ChatPrepared) else OutputPlan()
 
 
-def _answer(prepared: Prepared, text: str, finish: FinishReason | None) -> tuple[AssistantMessage, str | None]:
-    """A choice's message and finish reason. Under a forced ``tool_choice`` a complete call becomes
-    ``tool_calls``, with OpenAI's finish reasons: ``"tool_calls"`` for ``required``, ``"stop"`` for a named
-    function. A call cut short (``max_tokens``, a stop string) stays text, with its own finish reason."""
-    if _forced_call(prepared) and finish is FinishReason.STOP and (call := parse_call(text)) is not None:
-        body = prepared.body
-        assert isinstance(body, ChatCompletionRequest)
-        return AssistantMessage(content=None, tool_calls=[call]), "stop" if body.named_tool else "tool_calls"
-    return AssistantMessage(content=text), finish.value if finish is not None else None
+async def _compile(spec: OutputSchema, runner: Runner) -> str | None:
+    """The grammar for ``spec``, or None when nothing needs constraining (free text, perhaps after a
+    thinking block). A large schema takes milliseconds to compile (14 ms for 42 kB here), so it is compiled
+    in a worker thread, not on the event loop.
 
-
-def _delta_of(message: AssistantMessage) -> Delta:
-    if not message.tool_calls:
-        return Delta(content=message.content)
-    return Delta(
-        tool_calls=[
-            ToolCallDelta(
-                index=i, id=call.id, type="function", function=FunctionCallDelta(**call.function.model_dump())
-            )
-            for i, call in enumerate(message.tool_calls)
-        ]
-    )
+    Raises:
+        InvalidRequest: a schema is invalid or cannot be enforced, or this model cannot take grammars.
+    """
+    if spec.schema is None and not spec.tools:
+        return None
+    return await trio.to_thread.run_sync(runner.compile_grammar, spec)

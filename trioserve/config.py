@@ -18,6 +18,11 @@ DType = Literal["auto", "bfloat16", "float16", "float32", "float64"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+# The names of `toolparsers.PARSER_NAMES` and `reasoning.PARSER_NAMES` (config imports neither).
+ToolCallParser = Literal[
+    "auto", "none", "hermes", "llama3_json", "mistral", "json", "qwen", "qwen2_5", "qwen3", "llama", "llama3"
+]
+ReasoningParser = Literal["auto", "none", "think", "deepseek_r1", "qwen3"]
 
 
 class Settings(BaseModel):
@@ -58,6 +63,12 @@ class Settings(BaseModel):
         1000, ge=0, description="finished /v1/responses kept in memory for previous_response_id (LRU; 0: none)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    tool_call_parser: ToolCallParser = Field(
+        "auto", description="tool-call syntax: auto (from the chat template), none, or one by name"
+    )
+    reasoning_parser: ReasoningParser = Field(
+        "auto", description="thinking block: auto (from the chat template), none, or think"
+    )
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
@@ -100,6 +111,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "strict_model_name": ("STRICT_MODEL_NAME",),
     "responses_store_size": ("RESPONSES_STORE_SIZE",),
     "log_level": ("LOG_LEVEL",),
+    "tool_call_parser": ("TOOL_CALL_PARSER",),
+    "reasoning_parser": ("REASONING_PARSER",),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -52,11 +52,11 @@ def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "
     except BaseException as exc:
         if not isinstance(exc, ValueError | TypeError) and not _is_panic(exc):
             raise
-        raise InvalidRequest(f"Invalid schema for response_format: {exc}", param=param) from exc
+        raise InvalidRequest(f"Invalid schema for {param}: {exc}", param=param) from exc
     if is_error:
-        raise InvalidRequest(f"Invalid schema for response_format: {messages[0]}", param=param)
+        raise InvalidRequest(f"Invalid schema for {param}: {messages[0]}", param=param)
     if messages:
-        logger.warning("response_format schema enforced in part: %s", "; ".join(messages))
+        logger.warning("%s: schema enforced in part: %s", param, "; ".join(messages))
     return grammar
 
 

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from trioserve.errors import InvalidRequest
-from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, call_schema, forced_tools
+from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, forced_tools, tools_in_play
 from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -72,6 +72,9 @@ class ChatMessage(BaseModel):
             message["tool_calls"] = [_call_for_template(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        reasoning = (self.model_extra or {}).get("reasoning_content")
+        if isinstance(reasoning, str):
+            message["reasoning_content"] = reasoning  # templates that keep (or drop) earlier thinking read it
         if self.name is not None:
             message["name"] = self.name
         return message
@@ -242,7 +245,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted; a forced call is always one call
+    parallel_tool_calls: bool | None = None  # absent: true (several calls in one turn)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # to templates taking it
+
+    # -- Extensions (not in OpenAI's API) --
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables, e.g. enable_thinking
 
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
@@ -255,9 +262,13 @@ class ChatCompletionRequest(_SamplingFields):
                 f"tool_choice names function {choice.function.name!r}, which is not among the tools",
                 param="tool_choice",
             )
-        if forced and super().output_schema() is not None:
+        if self.ignore_eos and self.tools_in_play():
+            # Once the calls are complete the grammar allows only EOS.
+            raise InvalidRequest("ignore_eos cannot be combined with tools", param="ignore_eos")
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "continue_final_message"}
+        if clash := reserved & set(self.chat_template_kwargs or {}):
             raise InvalidRequest(
-                "a forced tool_choice cannot be combined with a JSON response_format", param="response_format"
+                f"chat_template_kwargs may not set {', '.join(sorted(clash))}", param="chat_template_kwargs"
             )
         return self
 
@@ -265,19 +276,20 @@ class ChatCompletionRequest(_SamplingFields):
         """The tools one of which the answer must call (``tool_choice`` required or named), else empty."""
         return forced_tools(self.tools, self.tool_choice)
 
+    def tools_in_play(self) -> list[Tool]:
+        """The tools the model is shown and may call (none with ``tool_choice`` "none")."""
+        return tools_in_play(self.tools, self.tool_choice)
+
     @property
     def named_tool(self) -> bool:
         return isinstance(self.tool_choice, NamedToolChoice)
 
-    def output_schema(self) -> OutputSchema | None:
-        forced = self.forced_tools()
-        return call_schema(forced) if forced else super().output_schema()
-
-    def tools_for_template(self) -> list[dict[str, Any]] | None:
-        """The tools to show the model: only when a call is forced (with ``auto`` the answer is text, and a
-        model told about tools would write calls in its own format, which would reach the client as text)."""
-        forced = self.forced_tools()
-        return [tool.for_template() for tool in forced] if forced else None
+    def template_kwargs(self) -> dict[str, Any]:
+        """Variables for the chat template: ``chat_template_kwargs``, and ``reasoning_effort`` if given."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -348,13 +360,15 @@ class ChoiceLogprobs(BaseModel):
 
 
 class _OmitsAbsentToolCalls(BaseModel):
-    """``tool_calls`` appears only when there are calls, as in OpenAI's responses."""
+    """``tool_calls`` and ``reasoning_content`` appear only when there are some, as in OpenAI's responses
+    (and vLLM's, for reasoning)."""
 
     @model_serializer(mode="wrap")
     def _omit_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for name in ("tool_calls", "reasoning_content"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
@@ -362,6 +376,7 @@ class AssistantMessage(_OmitsAbsentToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # the thinking block, for reasoning models (vLLM's name)
 
 
 class ChatChoice(BaseModel):
@@ -385,6 +400,7 @@ class Delta(_OmitsAbsentToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(BaseModel):

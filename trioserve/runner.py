@@ -28,7 +28,8 @@ from trioserve.arena import KVArena, arena_layers
 from trioserve.attention import use_arena_attention, use_plain_attention
 from trioserve.decode import DecodeStep
 from trioserve.errors import InvalidRequest, OutOfMemory
-from trioserve.guided import GuideFactory, json_grammar
+from trioserve.grammars import output_grammar
+from trioserve.guided import GuideFactory
 from trioserve.sampling import SequenceSampler, sample_rows
 from trioserve.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
@@ -133,7 +134,7 @@ class TransformersRunner:
                 f"JSON response_format and forced tool calls are not available for this model: {reason}",
                 param=spec.param,
             )
-        return json_grammar(dict(spec.schema), strict=spec.strict, param=spec.param)
+        return output_grammar(spec)
 
     def live_sequences(self) -> int:
         return len(self._sequences)

@@ -22,16 +22,19 @@ from transformers import (
 
 DEMO_MODEL_ID = "trioserve-tiny-random"
 
-# ChatML, plus tools in the style of Qwen's templates: a system block listing them, and an assistant turn's
-# calls as <tool_call> lines. Without tools or calls it renders exactly as plain ChatML.
+# ChatML, plus tools as Qwen2.5's template renders them (the "hermes" call syntax): a system block listing
+# them, and an assistant turn's calls as <tool_call> blocks of {"name", "arguments"}. Without tools or calls
+# it renders exactly as plain ChatML.
 CHATML_TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\n# Tools\n<tools>' }}"
     "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
-    "{{ '\n</tools><|im_end|>\n' }}{% endif %}"
+    '{{ \'\n</tools>\nFor each call, return {"name": ..., "arguments": ...} within <tool_call></tool_call>'
+    " tags.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
     "{% for call in message.get('tool_calls') or [] %}"
-    "{{ '\n<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}"
+    "{{ '\n<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson) + '\n</tool_call>' }}"
     "{% endfor %}"
     "{{ '<|im_end|>\n' }}"
     "{% endfor %}"

@@ -18,6 +18,9 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens kept as left context when decoding: enough for tokenizers whose pieces decode differently
 # at the start of a string (SentencePiece's leading space) to decode the first generated token right.
 _CONTEXT_TOKENS = 4
+# Special tokens that mark tool calls or thinking: decoded as text (not skipped like other special tokens),
+# so that the output parsers (`toolparsers`, `reasoning`) see where calls and thinking start and end.
+SHOWN_MARKERS = ("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<think>", "</think>")
 
 
 class ChatTokenizer:
@@ -27,12 +30,32 @@ class ChatTokenizer:
         self.hf = tokenizer
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; /v1/chat/completions needs one")
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        vocab = tokenizer.get_added_vocab()
+        self._shown = {vocab[m]: m for m in SHOWN_MARKERS if m in vocab and vocab[m] in special}
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        """Renders the chat template with ``add_generation_prompt=True`` and tokenizes it. ``tools`` (OpenAI
-        shape) reach templates that render tools; others ignore them.
+        """`render_chat`, tokenized.
+
+        Raises:
+            InvalidRequest: the template rejected the conversation (e.g. roles out of order).
+        """
+        return self.encode(self.render_chat(messages, tools, template_kwargs))
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Renders the chat template with ``add_generation_prompt=True``. ``tools`` (OpenAI shape) reach
+        templates that render tools; ``template_kwargs`` (e.g. ``enable_thinking``) are the template's own
+        variables. Templates ignore what they do not use.
 
         Raises:
             InvalidRequest: the template rejected the conversation (e.g. roles out of order).
@@ -43,11 +66,23 @@ class ChatTokenizer:
                 tools=[dict(tool) for tool in tools] if tools else None,
                 tokenize=False,
                 add_generation_prompt=True,
+                **dict(template_kwargs or {}),
             )
         except Exception as exc:  # jinja2's TemplateError and whatever the template raises on purpose
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
         assert isinstance(text, str)
-        return self.encode(text)
+        return text
+
+    @property
+    def chat_template(self) -> str:
+        """The chat template's source (all of them, for tokenizers that carry several)."""
+        template = self.hf.chat_template
+        return "\n".join(template.values()) if isinstance(template, dict) else str(template)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of ``text`` if the tokenizer has it as one added token (such as ``<tool_call>``), else None."""
+        token_id = self.hf.get_added_vocab().get(text)
+        return int(token_id) if token_id is not None else None
 
     def encode(self, text: str) -> list[int]:
         """Tokenizes text that already carries any special tokens it needs."""
@@ -60,7 +95,21 @@ class ChatTokenizer:
         return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        text = self.hf.decode(list(token_ids), skip_special_tokens=True)
+        """Text of ``token_ids``, special tokens left out except the markers that structure an output
+        (tool calls, thinking), which the output parsers must see."""
+        ids = list(token_ids)
+        if not self._shown or self._shown.keys().isdisjoint(ids):
+            return self._decode(ids)
+        parts, start = [], 0
+        for at, token_id in enumerate(ids):
+            if token_id in self._shown:
+                parts += [self._decode(ids[start:at]), self._shown[token_id]]
+                start = at + 1
+        parts.append(self._decode(ids[start:]))
+        return "".join(parts)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        text = self.hf.decode(token_ids, skip_special_tokens=True) if token_ids else ""
         assert isinstance(text, str)
         return text
 

@@ -1,22 +1,18 @@
-"""Tool calls that ``tool_choice`` forces: ``"required"`` (one of the tools) or a named function.
+"""Tools on the wire: the request's tools and ``tool_choice``, the calls in responses and stream deltas.
 
-The call is produced under a grammar (`call_schema`), like ``response_format``: the output is the JSON object
-``{"name": <a tool's name>, "arguments": <that tool's parameters schema>}``, so it always names a tool and
-its arguments always match that tool's schema, whatever the model. The text is then turned into the
-OpenAI shape (`ToolCall`). With ``tool_choice`` ``"auto"`` (the default when tools are given) the model
-answers in text: telling a call apart from text needs a parser for each model family's own tool-call format,
-which this server does not have.
+Which tools the model is shown and may call (`tools_in_play`) and their schemas as plain data (`tool_specs`,
+each naming its request field for errors) are decided here; the grammar that makes every call parse and
+match its tool's schema is built from them (`grammars`), and calls are read out of the output by
+`toolparsers`.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trioserve.types import OutputSchema
+from trioserve.types import ToolSpec
 
 # -- requests ---------------------------------------------------------------------------------------------
 
@@ -62,22 +58,24 @@ def forced_tools(tools: list[Tool] | None, choice: ToolChoice | None) -> list[To
     return list(tools)
 
 
-def call_schema(tools: list[Tool]) -> OutputSchema:
-    """The schema of one call to one of ``tools`` (errors about it name ``tools``)."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": tool.function.name},
-                "arguments": tool.function.parameters or {"type": "object", "properties": {}},
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for tool in tools
-    ]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return OutputSchema(schema, strict=any(bool(t.function.strict) for t in tools), param="tools")
+def tools_in_play(tools: list[Tool] | None, choice: ToolChoice | None) -> list[Tool]:
+    """The tools the model is shown and may call: none for ``"none"``, the named one, else all of them."""
+    if not tools or choice == "none":
+        return []
+    return forced_tools(tools, choice) or list(tools)
+
+
+def tool_specs(tools: list[Tool], in_play: list[Tool]) -> tuple[ToolSpec, ...]:
+    """The schemas of ``in_play`` as plain data; errors about one name its place in ``tools``."""
+    return tuple(
+        ToolSpec(
+            name=tool.function.name,
+            parameters=tool.function.parameters or {"type": "object", "properties": {}},
+            strict=bool(tool.function.strict),
+            param=f"tools[{next(i for i, t in enumerate(tools) if t is tool)}].function.parameters",
+        )
+        for tool in in_play
+    )
 
 
 # -- responses --------------------------------------------------------------------------------------------
@@ -104,16 +102,3 @@ class ToolCallDelta(BaseModel):
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionCallDelta
-
-
-def parse_call(text: str) -> ToolCall | None:
-    """The call in ``text`` (output produced under `call_schema`), or None if it is incomplete (the
-    output was cut by ``max_tokens`` or a stop string)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "arguments" not in value:
-        return None
-    arguments = json.dumps(value["arguments"], ensure_ascii=False)
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=value["name"], arguments=arguments))

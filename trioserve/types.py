@@ -43,13 +43,77 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
-class OutputSchema:
-    """A JSON schema the output must match: a JSON ``response_format``, or the call a forced ``tool_choice``
-    asks for. ``param`` is the request field that errors about it name."""
+class Marker:
+    """Fixed text that structures a model's output, such as ``<tool_call>`` or ``</think>``.
 
-    schema: Mapping[str, Any]
+    ``token_id``: the tokenizer has it as one added token. Grammars must then name it as that token:
+    llguidance never spells an added token out of text bytes, nor lets text produce it.
+    """
+
+    text: str
+    token_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallSyntax:
+    """How a model family writes tool calls; the presets and the parser are in `trioserve.toolparsers`.
+
+    Each call is the JSON object ``{"name": ..., <arguments_key>: ...}``. ``open``/``close`` wrap each call
+    (``each``: Hermes' ``<tool_call>``) or all of them once (Mistral's ``[TOOL_CALLS]``); ``padding`` goes
+    inside each wrapper, ``separator`` between calls; ``array``: the calls form one JSON array; ``at_start``:
+    calls can only open the answer (no text before them).
+    """
+
+    name: str
+    open: Marker | None = None
+    close: Marker | None = None
+    each: bool = True
+    padding: str = ""
+    separator: str = ""
+    array: bool = False
+    at_start: bool = False
+    arguments_key: str = "arguments"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One tool a call may name; ``param`` is the request field errors about its schema name."""
+
+    name: str
+    parameters: Mapping[str, Any]
+    strict: bool = False
+    param: str = "tools"
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """A thinking block (``<think>...</think>``) the output starts with; ``opened``: the prompt already opened
+    it, so the output starts inside it (otherwise the model may open one itself)."""
+
+    open: Marker
+    close: Marker
+    opened: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSchema:
+    """What the output must look like, as plain data; the runner compiles it (`Runner.compile_grammar`).
+
+    ``schema``: a JSON schema the answer must match (a JSON ``response_format``, or a bare forced call when
+    the model has no call syntax); None: free text. ``tools`` with ``calls``: the answer may (``required``:
+    must) be calls in that syntax, each naming one of the tools with arguments matching its parameters;
+    ``parallel``: more than one. ``thinking``: a thinking block comes first, unconstrained. ``param`` is the
+    request field that errors about ``schema`` name.
+    """
+
+    schema: Mapping[str, Any] | None = None
     strict: bool = False  # keywords that cannot be enforced are an error rather than ignored
     param: str = "response_format"
+    tools: tuple[ToolSpec, ...] = ()
+    calls: CallSyntax | None = None
+    required: bool = False
+    parallel: bool = True
+    thinking: Thinking | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +259,23 @@ class Tokenizer(Protocol):
     """What serving needs of a tokenizer; satisfied by `tokenization.ChatTokenizer`."""
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]: ...
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str: ...
+
+    @property
+    def chat_template(self) -> str: ...
+
+    def token_id(self, text: str) -> int | None: ...
 
     def encode(self, text: str) -> list[int]: ...
 
