@@ -7,9 +7,6 @@ as single tokens (as Qwen's tokenizers have them). Its decisions are driven, nev
 between (the first letter of a tool's name), or, for ``tool_choice`` "auto", on the ``<tool_call>`` token
 that starts a call in the ChatML (Hermes) format. Tools take enum and integer arguments: a free string
 from a random model runs until it happens to sample a closing quote.
-
-The tests marked ``xfail`` need calls in auto mode, ``$defs`` in tool schemas, or a tool together with a
-JSON output format (issue 12, the tools branch); they are written the way they must pass.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ from tests.servers import Served
 from tests.threaded import marker_app, served_in_thread
 
 pytestmark = pytest.mark.socket
-
-AUTO_CALLS = pytest.mark.xfail(reason="needs auto tool calls (tools branch)", strict=False)
 
 
 class Forecast(pydantic.BaseModel):
@@ -136,7 +131,6 @@ def test_openai_agents_streamed_responses_model(served: Served) -> None:
     assert len(calls) == 1 and isinstance(result.final_output, str)
 
 
-@AUTO_CALLS
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_openai_agents_call_a_tool_in_auto_mode_then_answer(served: Served, api: str) -> None:
     result, calls = run_agent(served, api, auto=True)
@@ -144,7 +138,6 @@ def test_openai_agents_call_a_tool_in_auto_mode_then_answer(served: Served, api:
     assert [item.type for item in result.new_items][-1] == "message_output_item"
 
 
-@pytest.mark.xfail(reason="needs a tool together with a JSON output format (tools branch)", strict=False)
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_openai_agents_tool_and_output_type(served: Served, api: str) -> None:
     result, calls = run_agent(served, api, output_type=Forecast)
@@ -192,7 +185,6 @@ def test_pydantic_ai_tool_then_structured_result(served: Served, api: str) -> No
     assert isinstance(result.output, Forecast)
 
 
-@AUTO_CALLS
 def test_pydantic_ai_tool_in_auto_mode_then_text(served: Served) -> None:
     from pydantic_ai import Agent, RunContext, Tool
     from pydantic_ai.models.openai import OpenAIChatModel
@@ -248,7 +240,6 @@ def test_langchain_with_structured_output(served: Served) -> None:
     assert isinstance(by_call, Forecast)
 
 
-@AUTO_CALLS
 def test_langchain_bind_tools_auto(served: Served) -> None:
     llm = chat_openai(served, max_tokens=200, extra_body={"logit_bias": {token_of(served, "<tool_call>"): 100}})
     message = llm.bind_tools([Forecast], strict=True).invoke("Weather in Ipoh?")
@@ -269,7 +260,6 @@ class Trip(pydantic.BaseModel):
     nights: int = pydantic.Field(ge=1, le=9)
 
 
-@pytest.mark.xfail(reason="needs $defs in tool schemas (tools branch)", strict=False)
 def test_sdk_pydantic_function_tool_of_a_nested_model(served: Served) -> None:
     tool = openai.pydantic_function_tool(Trip)
     assert "$defs" in json.dumps(tool)
@@ -290,7 +280,6 @@ def test_sdk_pydantic_function_tool_of_a_nested_model(served: Served) -> None:
         Trip.model_validate_json(item.arguments)
 
 
-@AUTO_CALLS
 def test_sdk_responses_auto_tool_call(served: Served) -> None:
     tool = {"type": "function", "name": "Trip", "parameters": Forecast.model_json_schema(), "strict": True}
     bias = {token_of(served, "<tool_call>"): 100}

@@ -436,7 +436,6 @@ def test_the_event_writer_orders_reasoning_text_and_calls() -> None:
     assert "logprobs" not in next(d for d in data if d["type"] == "response.reasoning_text.delta")
 
 
-@pytest.mark.xfail(reason="needs the reasoning split (tools branch)", strict=False)
 def test_thinking_becomes_a_reasoning_item() -> None:
     with served_in_thread(thinking_app) as served:
         # The template opens the thinking block: six tokens stay inside it (a random model rarely closes it).
