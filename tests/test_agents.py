@@ -22,7 +22,8 @@ import pydantic
 import pytest
 
 from tests.servers import Served
-from tests.threaded import marker_app, served_in_thread
+from tests.threaded import served_in_thread
+from tests.toolmodel import tool_app
 
 pytestmark = pytest.mark.socket
 
@@ -34,7 +35,7 @@ class Forecast(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    with served_in_thread(marker_app) as served:
+    with served_in_thread(tool_app) as served:
         assert token_of(served, "<tool_call>") != token_of(served, "<")  # one token, so one bias drives it
         yield served
 

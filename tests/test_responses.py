@@ -8,6 +8,7 @@ rendering of the conversation (through ``usage.input_tokens``), and what grammar
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
 from tests.servers import Served
-from tests.threaded import served_in_thread, thinking_app
+from tests.threaded import served_in_thread
+from tests.toolmodel import tool_app
 from trioserve.config import load_settings
 from trioserve.response_store import ResponseStore
 from trioserve.responses_protocol import Response as OurResponse
@@ -437,7 +439,7 @@ def test_the_event_writer_orders_reasoning_text_and_calls() -> None:
 
 
 def test_thinking_becomes_a_reasoning_item() -> None:
-    with served_in_thread(thinking_app) as served:
+    with served_in_thread(functools.partial(tool_app, thinking=True)) as served:
         # The template opens the thinking block: six tokens stay inside it (a random model rarely closes it).
         with openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0) as client:
             response = client.responses.create(model="m", input="Hi", max_output_tokens=6)
