@@ -30,6 +30,7 @@ from trioserve.httpio import (
     cors_origin,
     current_state,
     error_response,
+    has_api_key,
     json_response,
     read_json,
     sse_event,
@@ -51,12 +52,22 @@ class TrioserveApp(QuartTrio):
     metrics: Metrics
     settings: Settings
     draining: bool = False
+    engine_scope: trio.CancelScope | None = None  # the engine's step loop, once serving
 
     def start_draining(self) -> None:
-        """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on."""
-        if not self.draining:
-            logger.info("draining: %d request(s) in flight", self.engine.active)
+        """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on.
+
+        Just before the graceful timeout runs out (when Hypercorn cancels every connection, cutting
+        responses mid-body), the engine is stopped: each stream still running then ends the way a
+        closed stream does, with an SSE error event (a non-streaming request with a 503).
+        """
+        if self.draining:
+            return
+        logger.info("draining: %d request(s) in flight", self.engine.active)
         self.draining = True
+        if self.engine_scope is not None:
+            timeout = self.settings.graceful_timeout
+            self.engine_scope.deadline = trio.current_time() + max(0.0, timeout - min(1.0, timeout / 4))
 
 
 def _request_timeout(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> float:
@@ -91,13 +102,12 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     app.asgi_http_class = Connection
     chat = ChatService(engine, strict_model_name=settings.strict_model_name)
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
-    engine_scopes: list[trio.CancelScope] = []
 
     @app.before_serving
     async def start_engine() -> None:
         async def run_engine(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
-                engine_scopes.append(scope)
+                app.engine_scope = scope
                 await engine.run(task_status=task_status)
 
         await app.nursery.start(run_engine)
@@ -105,8 +115,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     @app.after_serving
     async def stop_engine() -> None:
         app.start_draining()
-        for scope in engine_scopes:
-            scope.cancel()
+        if app.engine_scope is not None:
+            app.engine_scope.cancel()
 
     @app.before_request
     async def guard() -> Response | None:
@@ -116,6 +126,10 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         public = path == "/health" or (path == "/metrics" and settings.metrics_public)
         if settings.api_key and not public:
             check_api_key(settings.api_key)
+        if app.draining and path not in ("/health", "/metrics"):
+            # A request on a connection that was open when the drain began (HTTP/1.1 adds
+            # Connection: close to every answer during shutdown, see hypercorn_fixes).
+            raise Unavailable("the server is shutting down; retry on another replica")
         return None
 
     @app.after_request
@@ -149,23 +163,29 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
     @app.get("/health")
     async def health() -> Response:
-        runner = engine.runner
-        payload = {
-            "status": "ok",
-            "model": runner.model_id if runner is not None else None,
-            "running": engine.running,
-            "waiting": engine.waiting,
-            "live_sequences": runner.live_sequences() if runner is not None else 0,
-        }
+        """Readiness: ``{"status": ...}``, 200 only for "ok". Counts and a failed load's error only for a
+        caller with the API key (or when none is configured): they tell an outsider about load and setup."""
+        status = "ok"
         if app.draining:
-            payload["status"] = "draining"
+            status = "draining"
         elif engine.load_error is not None:
-            payload.update(status="failed", error=str(engine.load_error))
+            status = "failed"
         elif engine.loading:
-            payload["status"] = "loading"
+            status = "loading"
         elif engine.failed_steps_in_a_row >= 3:
-            payload["status"] = "failing"
-        return json_response(payload, status=200 if payload["status"] == "ok" else 503)
+            status = "failing"
+        payload: dict[str, object] = {"status": status}
+        if not settings.api_key or has_api_key(settings.api_key):
+            runner = engine.runner
+            payload.update(
+                model=runner.model_id if runner is not None else None,
+                running=engine.running,
+                waiting=engine.waiting,
+                live_sequences=runner.live_sequences() if runner is not None else 0,
+            )
+            if engine.load_error is not None:
+                payload["error"] = str(engine.load_error)
+        return json_response(payload, status=200 if status == "ok" else 503)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
