@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import trio
 from pydantic import ValidationError
@@ -54,20 +55,32 @@ class TrioserveApp(QuartTrio):
     draining: bool = False
     engine_scope: trio.CancelScope | None = None  # the engine's step loop, once serving
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.generating: set[RequestState] = set()  # generation requests in flight
+
     def start_draining(self) -> None:
         """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on.
 
         Just before the graceful timeout runs out (when Hypercorn cancels every connection, cutting
-        responses mid-body), the engine is stopped: each stream still running then ends the way a
-        closed stream does, with an SSE error event (a non-streaming request with a 503).
+        responses mid-body), the requests still generating are closed: each stream then ends with an
+        SSE error event (a non-streaming request with a 503), and its connection can close cleanly.
         """
         if self.draining:
             return
         logger.info("draining: %d request(s) in flight", self.engine.active)
         self.draining = True
-        if self.engine_scope is not None:
+        nursery: trio.Nursery | None = getattr(self, "nursery", None)
+        if nursery is not None:
             timeout = self.settings.graceful_timeout
-            self.engine_scope.deadline = trio.current_time() + max(0.0, timeout - min(1.0, timeout / 4))
+            nursery.start_soon(self._end_generation_at, trio.current_time() + timeout - min(1.0, timeout / 4))
+
+    async def _end_generation_at(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        for state in list(self.generating):
+            if state.close_all():
+                state.abort_reason = "drain"
+                logger.warning("cancelling %s: graceful timeout", state.request_id)
 
 
 def _request_timeout(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> float:
@@ -205,6 +218,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        app.generating.add(state)  # until _request_ended: the drain deadline closes what is left
         raw = await read_json(settings.max_body_bytes)
         try:
             body = model.model_validate(raw)
@@ -330,6 +344,7 @@ def _preflight(settings: Settings) -> Response:
 
 
 def _request_ended(app: TrioserveApp, state: RequestState, ended: float) -> None:
+    app.generating.discard(state)
     if state.path not in CHAT_PATHS:
         return
     # 499, as nginx logs it: the client went away before a response started.

@@ -30,9 +30,10 @@ the workaround can be deleted.
           connection with GOAWAY(ENHANCE_YOUR_CALM).
         - a stream over SETTINGS_MAX_CONCURRENT_STREAMS ends the whole connection (pgjones/hypercorn#335):
           refused alone with RST_STREAM(REFUSED_STREAM) (RFC 9113 §5.1.2), see `RefusingH2Connection`.
-        - after shutdown begins, or after the per-connection request limit, new streams are refused and
-          a graceful GOAWAY tells the client to stop opening them; h2's own GOAWAY would close the
-          connection state and turn every later frame of in-flight streams into a protocol error.
+        - after shutdown begins, or after the per-connection request limit, Hypercorn resets new streams
+          with NO_ERROR (which no client retries) or sends a GOAWAY while streams still run (which h2-based
+          clients such as httpx cannot survive): new streams are refused with REFUSED_STREAM, and
+          GOAWAY(NO_ERROR) goes out once the connection is idle, then it closes.
         - an answer completed before the request body ends is followed by RST_STREAM(NO_ERROR), which
           releases the client's upload (RFC 9113 §8.1).
 """
@@ -62,7 +63,6 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
-from hyperframe.frame import GoAwayFrame
 from priority import MissingStreamError  # type: ignore[attr-defined]
 
 logger = logging.getLogger("trioserve")
@@ -202,7 +202,7 @@ class GuardedH2Protocol(H2Protocol):
         self.connection.local_settings = local_settings
         self.premature_resets = 0  # client resets of streams still being answered
         self.refused_late = 0  # streams opened after our GOAWAY
-        self.goaway_sent = False
+        self.retiring = False  # past the per-connection request limit: no new streams, close when idle
         self._goaway_scope = trio.CancelScope()
 
     async def initiate(self, headers: Any = None, settings: Any = None) -> None:
@@ -212,24 +212,22 @@ class GuardedH2Protocol(H2Protocol):
     async def _goaway_on_shutdown(self) -> None:
         with self._goaway_scope:
             await self.context.terminated.wait()
-            await self._send_graceful_goaway()
+            if self.idle:
+                await self._goaway_and_close()
 
-    async def _send_graceful_goaway(self) -> None:
-        """GOAWAY(NO_ERROR) with the last stream we accepted, written around h2's state machine.
+    async def _goaway_and_close(self) -> None:
+        """GOAWAY(NO_ERROR), then close: only once no stream is running.
 
-        h2 moves its connection to CLOSED on sending GOAWAY, after which the DATA and END_STREAM of
-        the streams still running are protocol errors; this frame stops new streams and lets those end.
+        A GOAWAY while streams run would be RFC-correct, but h2 (and so httpx and httpcore) moves its
+        connection to CLOSED on receiving one and then rejects the DATA of the streams still running. So
+        while streams run, new ones are refused with REFUSED_STREAM instead (safe to retry elsewhere).
         """
-        if self.goaway_sent or self.closed:
+        if self.closed:
             return
-        self.goaway_sent = True
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection.close_connection()
         await self._flush()
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.connection.highest_inbound_stream_id
-        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
-        await self.send(RawData(data=frame.serialize()))
-        if self.idle:
-            await self.send(Updated(idle=True))  # the idle timer sees the shutdown and closes at once
+        await self.send(Closed())
 
     async def handle(self, event: Any) -> None:
         if isinstance(event, Closed):
@@ -263,14 +261,14 @@ class GuardedH2Protocol(H2Protocol):
 
     async def _request_received(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None
-        if self.goaway_sent or self.context.terminated.is_set():
+        if self.retiring or self.context.terminated.is_set():
             self.refused_late += 1
             self.connection.reset_stream(event.stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         await self._create_stream(event)
         await self.send(Updated(idle=False))
         if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-            await self._send_graceful_goaway()
+            self.retiring = True  # Hypercorn would send GOAWAY here, breaking h2 clients' running streams
 
     def _over_budget(self) -> bool:
         refused = self.connection.refused + self.refused_late  # type: ignore[attr-defined]
@@ -286,11 +284,9 @@ class GuardedH2Protocol(H2Protocol):
             self.connection.refused + self.refused_late,  # type: ignore[attr-defined]
             self.keep_alive_requests,
         )
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.connection.highest_inbound_stream_id
-        frame.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         await self._flush()
-        await self.send(RawData(data=frame.serialize()))
         await self.send(Closed())
 
     async def _forget(self, stream_id: int) -> None:
@@ -314,6 +310,8 @@ class GuardedH2Protocol(H2Protocol):
             with trio.CancelScope(shield=True):  # as in RecyclingH11Protocol: runs in the app's task
                 await self._end_early_answer(event.stream_id)
                 await super().stream_send(event)
+                if self.retiring and self.idle:
+                    await self._goaway_and_close()
             return
         await super().stream_send(event)
 
