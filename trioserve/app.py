@@ -58,6 +58,7 @@ class TrioserveApp(QuartTrio):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.generating: set[RequestState] = set()  # generation requests in flight
+        self._drain_deadline_scope = trio.CancelScope()  # the drain's deadline task; cancelled at shutdown
 
     def start_draining(self) -> None:
         """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on.
@@ -76,7 +77,10 @@ class TrioserveApp(QuartTrio):
             nursery.start_soon(self._end_generation_at, trio.current_time() + timeout - min(1.0, timeout / 4))
 
     async def _end_generation_at(self, deadline: float) -> None:
-        await trio.sleep_until(deadline)
+        with self._drain_deadline_scope:
+            await trio.sleep_until(deadline)
+        if self._drain_deadline_scope.cancelled_caught:
+            return
         for state in list(self.generating):
             if state.close_all():
                 state.abort_reason = "drain"
@@ -127,7 +131,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
     @app.after_serving
     async def stop_engine() -> None:
-        app.start_draining()
+        app.draining = True
+        app._drain_deadline_scope.cancel()  # the lifespan's nursery waits for its tasks
         if app.engine_scope is not None:
             app.engine_scope.cancel()
 
