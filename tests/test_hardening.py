@@ -363,6 +363,7 @@ async def test_ambiguous_length_and_body_timeout_close_the_connection() -> None:
 # -- HTTP/2: no client can crash the server ------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_rapid_reset_flood_leaves_the_server_up_and_serving() -> None:
     flood_seconds = 5.0
     async with running(demo_app()) as url:
