@@ -211,7 +211,7 @@ async def _drain_scenario(app: TrioserveApp, config: Config, stop: trio.Event, l
                     with pytest.raises(httpx.ConnectError):
                         await client.get(url + "/health")  # the listener is closed: a new connection fails
                     # A new stream on an open HTTP/2 connection is refused (reset, or GOAWAY and
-                    # close), and the server survives it (see cli.patch_hypercorn_h2).
+                    # close), and the server survives it (see hypercorn_fixes.patch_hypercorn_h2).
                     refused = await h2.post(CHAT, {"messages": MESSAGES, "max_tokens": 2})
                     state = await h2.wait_for(refused)
                     assert state.reset or h2.closed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import trio
 from pydantic import ValidationError
@@ -30,6 +31,7 @@ from trioserve.httpio import (
     cors_origin,
     current_state,
     error_response,
+    has_api_key,
     json_response,
     read_json,
     validation_error,
@@ -62,12 +64,38 @@ class TrioserveApp(QuartTrio):
     metrics: Metrics
     settings: Settings
     draining: bool = False
+    engine_scope: trio.CancelScope | None = None  # the engine's step loop, once serving
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.generating: set[RequestState] = set()  # generation requests in flight
+        self._drain_deadline_scope = trio.CancelScope()  # the drain's deadline task; cancelled at shutdown
 
     def start_draining(self) -> None:
-        """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on."""
-        if not self.draining:
-            logger.info("draining: %d request(s) in flight", self.engine.active)
+        """Graceful shutdown has begun: new requests get 503, /health says so; in-flight ones go on.
+
+        Just before the graceful timeout runs out (when Hypercorn cancels every connection, cutting
+        responses mid-body), the requests still generating are closed: each stream then ends with an
+        SSE error event (a non-streaming request with a 503), and its connection can close cleanly.
+        """
+        if self.draining:
+            return
+        logger.info("draining: %d request(s) in flight", self.engine.active)
         self.draining = True
+        nursery: trio.Nursery | None = getattr(self, "nursery", None)
+        if nursery is not None:
+            timeout = self.settings.graceful_timeout
+            nursery.start_soon(self._end_generation_at, trio.current_time() + timeout - min(1.0, timeout / 4))
+
+    async def _end_generation_at(self, deadline: float) -> None:
+        with self._drain_deadline_scope:
+            await trio.sleep_until(deadline)
+        if self._drain_deadline_scope.cancelled_caught:
+            return
+        for state in list(self.generating):
+            if state.close_all():
+                state.abort_reason = "drain"
+                logger.warning("cancelling %s: graceful timeout", state.request_id)
 
 
 def _request_timeout(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> float:
@@ -109,22 +137,22 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
     tokens = TokenService(engine, strict_model_name=settings.strict_model_name)
-    engine_scopes: list[trio.CancelScope] = []
 
     @app.before_serving
     async def start_engine() -> None:
         async def run_engine(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
-                engine_scopes.append(scope)
+                app.engine_scope = scope
                 await engine.run(task_status=task_status)
 
         await app.nursery.start(run_engine)
 
     @app.after_serving
     async def stop_engine() -> None:
-        app.start_draining()
-        for scope in engine_scopes:
-            scope.cancel()
+        app.draining = True
+        app._drain_deadline_scope.cancel()  # the lifespan's nursery waits for its tasks
+        if app.engine_scope is not None:
+            app.engine_scope.cancel()
 
     @app.before_request
     async def guard() -> Response | None:
@@ -134,6 +162,10 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         public = path == "/health" or (path == "/metrics" and settings.metrics_public)
         if settings.api_key and not public:
             check_api_key(settings.api_key)
+        if app.draining and path not in ("/health", "/metrics"):
+            # A request on a connection that was open when the drain began (HTTP/1.1 adds
+            # Connection: close to every answer during shutdown, see hypercorn_fixes).
+            raise Unavailable("the server is shutting down; retry on another replica")
         return None
 
     @app.after_request
@@ -167,23 +199,29 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
     @app.get("/health")
     async def health() -> Response:
-        runner = engine.runner
-        payload = {
-            "status": "ok",
-            "model": runner.model_id if runner is not None else None,
-            "running": engine.running,
-            "waiting": engine.waiting,
-            "live_sequences": runner.live_sequences() if runner is not None else 0,
-        }
+        """Readiness: ``{"status": ...}``, 200 only for "ok". Counts and a failed load's error only for a
+        caller with the API key (or when none is configured): they tell an outsider about load and setup."""
+        status = "ok"
         if app.draining:
-            payload["status"] = "draining"
+            status = "draining"
         elif engine.load_error is not None:
-            payload.update(status="failed", error=str(engine.load_error))
+            status = "failed"
         elif engine.loading:
-            payload["status"] = "loading"
+            status = "loading"
         elif engine.failed_steps_in_a_row >= 3:
-            payload["status"] = "failing"
-        return json_response(payload, status=200 if payload["status"] == "ok" else 503)
+            status = "failing"
+        payload: dict[str, object] = {"status": status}
+        if not settings.api_key or has_api_key(settings.api_key):
+            runner = engine.runner
+            payload.update(
+                model=runner.model_id if runner is not None else None,
+                running=engine.running,
+                waiting=engine.waiting,
+                live_sequences=runner.live_sequences() if runner is not None else 0,
+            )
+            if engine.load_error is not None:
+                payload["error"] = str(engine.load_error)
+        return json_response(payload, status=200 if status == "ok" else 503)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
@@ -203,6 +241,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        app.generating.add(state)  # until _request_ended: the drain deadline closes what is left
         raw = await read_json(settings.max_body_bytes)
         try:
             body = model.model_validate(raw)
@@ -395,6 +434,7 @@ def _preflight(settings: Settings) -> Response:
 
 
 def _request_ended(app: TrioserveApp, state: RequestState, ended: float) -> None:
+    app.generating.discard(state)
     if state.path not in CHAT_PATHS:
         return
     # 499, as nginx logs it: the client went away before a response started.

@@ -1,13 +1,14 @@
 """``trioserve`` / ``python -m trioserve``: settings -> engine -> app -> Hypercorn (HTTP/1.1 and HTTP/2).
 
-The only module that imports Hypercorn. SIGINT and SIGTERM trigger Hypercorn's graceful shutdown: it stops
-accepting connections, lets open ones finish within the graceful timeout, then the app's lifespan stops the
-engine, whose cancellation releases every remaining sequence's KV.
+The only module that starts Hypercorn (`trioserve.hypercorn_fixes` patches its classes, installed on import
+here). SIGINT and SIGTERM trigger Hypercorn's graceful shutdown: it stops accepting connections, closes idle
+ones at once, lets open ones finish within the graceful timeout (the app ends the streams still running just
+before it, each with an SSE error event), then the app's lifespan stops the engine, whose cancellation
+releases every remaining sequence's KV.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import signal
@@ -18,6 +19,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from trioserve import hypercorn_fixes
 from trioserve.app import TrioserveApp, create_app
 from trioserve.config import ConfigError, Settings, load_settings
 from trioserve.engine import Engine
@@ -28,38 +30,7 @@ from trioserve.types import Runner
 logger = logging.getLogger("trioserve")
 
 
-def patch_hypercorn_h2() -> None:
-    """Guards Hypercorn's HTTP/2 protocol against frames for streams it has already dropped.
-
-    Hypercorn 0.18 resets a new stream that arrives during graceful shutdown, then looks the stream up for
-    its DATA frame and raises KeyError, which ends the whole server with every in-flight request on it
-    (upstream issues pgjones/hypercorn#197 and #329; fixes proposed in #312, #334, #365, unreleased).
-    This applies the guard those fixes add: such frames are acknowledged for flow control and dropped.
-    Idempotent; remove once a fixed Hypercorn is required.
-    """
-    import h2.events
-    import h2.exceptions
-    from hypercorn.protocol.h2 import H2Protocol
-
-    original = H2Protocol._handle_events
-    if getattr(original, "_trioserve_guarded", False):
-        return
-
-    async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
-        for event in events:
-            is_stream_frame = isinstance(event, (h2.events.DataReceived, h2.events.StreamEnded))
-            if is_stream_frame and getattr(event, "stream_id", None) not in self.streams:
-                if isinstance(event, h2.events.DataReceived):
-                    with contextlib.suppress(h2.exceptions.StreamClosedError):
-                        self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                continue
-            await original(self, [event])
-
-    handle_events._trioserve_guarded = True  # type: ignore[attr-defined]
-    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
-
-
-patch_hypercorn_h2()
+hypercorn_fixes.install()
 
 
 def build_app(settings: Settings, load: Callable[[], Runner] | None = None) -> TrioserveApp:
@@ -86,6 +57,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
     config.graceful_timeout = settings.graceful_timeout
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.h2_max_concurrent_streams = settings.max_concurrent_streams
     return config
 
 

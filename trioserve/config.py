@@ -54,6 +54,10 @@ class Settings(BaseModel):
     keyfile: str | None = Field(None, description="TLS private key")
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may take (per-request override)")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM/SIGINT")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_concurrent_streams: int = Field(
+        100, ge=1, le=1000, description="HTTP/2 streams one connection may have open (more are refused)"
+    )
     api_key: list[str] = Field([], description="accepted Bearer key (repeatable; env: comma-separated)")
     metrics_public: bool = Field(False, description="serve /metrics without an API key")
     cors_origin: list[str] = Field([], description="allowed CORS origin (repeatable; '*' for any)")
@@ -104,6 +108,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "keyfile": ("SSL_KEYFILE",),
     "request_timeout": ("REQUEST_TIMEOUT",),
     "graceful_timeout": ("GRACEFUL_TIMEOUT",),
+    "keep_alive_timeout": ("KEEP_ALIVE_TIMEOUT",),
+    "max_concurrent_streams": ("MAX_CONCURRENT_STREAMS",),
     "api_key": ("API_KEY", "API_KEYS"),
     "metrics_public": ("METRICS_PUBLIC",),
     "cors_origin": ("CORS_ORIGIN", "CORS_ORIGINS"),
@@ -114,6 +120,9 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "tool_call_parser": ("TOOL_CALL_PARSER",),
     "reasoning_parser": ("REASONING_PARSER",),
 }
+
+# Defaults that are not a fixed value, as --help shows them.
+_HELP_DEFAULTS = {"max_batch_size": "--max-concurrent"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -146,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{info.description} [{env_name(name)}; default: {info.default}]"
+        default = _HELP_DEFAULTS.get(name, info.default)
+        help_text = f"{info.description} [{env_name(name)}; default: {default}]"
         if info.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif info.annotation == list[str]:

@@ -183,20 +183,31 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value" if param else None)
 
 
-def check_api_key(keys: Sequence[str]) -> None:
-    """Raises `AuthenticationFailed` unless the request carries one of ``keys`` as a Bearer token.
+def _presented_key() -> bytes:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def has_api_key(keys: Sequence[str]) -> bool:
+    """Whether the request carries one of ``keys`` as a Bearer token.
 
     Every key is compared, in constant time, so timing tells nothing about which or how much matched.
     """
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    presented = _presented_key()
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(presented, key.encode())
-    if not matched:
+    return matched
+
+
+def check_api_key(keys: Sequence[str]) -> None:
+    """Raises `AuthenticationFailed` unless the request carries one of ``keys`` as a Bearer token."""
+    if not has_api_key(keys):
         raise AuthenticationFailed(
-            "Incorrect API key provided." if presented else "Missing API key: send 'Authorization: Bearer <key>'."
+            "Incorrect API key provided."
+            if _presented_key()
+            else "Missing API key: send 'Authorization: Bearer <key>'."
         )
 
 
