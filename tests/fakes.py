@@ -109,6 +109,8 @@ class FakeRunner:
                 await trio.sleep(self.cost(plan))
                 output = step(plan)
         self.passes.append(Pass(started, trio.current_time(), plan))
+        # As `trio.to_thread.run_sync`: a cancellation that arrived meanwhile is raised now, result discarded.
+        await trio.lowlevel.checkpoint_if_cancelled()
         return output
 
     def passes_carrying(self, seq_id: int) -> list[Pass]:

@@ -199,6 +199,47 @@ async def test_cancel_mid_step_drops_rows_before_next_step(autojump_clock: trio.
     assert runner.live_sequences() == 0
 
 
+async def test_stopping_the_engine_mid_step_still_releases_and_ends_release_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The engine cancelled while a step runs (shutdown): a request leaving at that moment still gets its KV
+    released when the step's thread returns, so its shielded wait for the release ends."""
+    runner = FakeRunner()
+    engine = Engine(
+        lambda: runner,
+        prefill_chunk=CHUNK,
+        hotload=True,
+        offload=runner.offload,
+        max_concurrent=4,
+        max_queue=4,
+        batch_size=8,
+    )
+    exited: list[float] = []
+    async with trio.open_nursery() as nursery:
+        engine_scope = trio.CancelScope()
+
+        async def run_engine(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with engine_scope:
+                await engine.run(task_status=task_status)
+
+        await nursery.start(run_engine)
+        deadline = trio.current_time() + 0.037  # inside a 5 ms decode step
+
+        async def client() -> None:
+            with trio.move_on_at(deadline):
+                async with engine.submit(request("cut", max_tokens=50)) as stream:
+                    async for _ in stream:
+                        pass
+            exited.append(trio.current_time())
+
+        nursery.start_soon(client)
+        await trio.sleep_until(deadline)
+        engine_scope.cancel()
+    (in_flight,) = [p for p in runner.passes if p.started < deadline < p.ended]
+    assert exited == [pytest.approx(in_flight.ended, abs=1e-9)]
+    assert runner.live_sequences() == 0
+
+
 async def test_queue_full_is_overloaded_and_frees_on_leave(autojump_clock: trio.testing.MockClock) -> None:
     runner = FakeRunner()
     async with running_engine(runner, max_concurrent=1, max_queue=1) as engine:

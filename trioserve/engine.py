@@ -306,6 +306,12 @@ class Engine:
                 self.failed_steps_in_a_row += 1
                 self._fail(plan, exc)
                 continue
+            except BaseException:
+                # Cancelled (shutdown): `to_thread.run_sync` raises it only once the step's thread has
+                # returned, so the runner is ours again. Apply the releases that waited for it, or their
+                # shielded `wait_released` would wait forever.
+                self._apply_deferred_releases(runner)
+                raise
             self.failed_steps_in_a_row = 0
             self.loop_lag += 0.2 * (time.perf_counter() - self._step_ended - self.loop_lag)
             self._apply_deferred_releases(runner)
