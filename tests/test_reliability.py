@@ -82,7 +82,8 @@ async def test_openapi_document_describes_the_api() -> None:
     assert doc["openapi"].startswith("3.")
     request_schema = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert "messages" in request_schema["required"]
-    assert "/v1/chat/completions" in doc["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"} <= set(doc["paths"])
+    assert "input" in doc["components"]["schemas"]["ResponsesRequest"]["properties"]
 
 
 # -- fuzzing: bodies built from the schema's fields with values of any type ------------------------

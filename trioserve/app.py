@@ -37,6 +37,7 @@ from trioserve.httpio import (
     validation_error,
 )
 from trioserve.metrics import CONTENT_TYPE, Metrics
+from trioserve.openapi import openapi_document
 from trioserve.protocol import ChatCompletionRequest, CompletionRequest
 from trioserve.response_store import ResponseStore
 from trioserve.responses import ResponseNotFound, ResponsesService
@@ -353,67 +354,6 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         return json_response(await tokens.detokenize(body))
 
     return app
-
-
-def openapi_document() -> dict[str, object]:
-    """An OpenAPI 3.1 document generated from the wire models (what fuzzers and clients can read)."""
-    from trioserve.protocol import ChatCompletion, ChatCompletionChunk, Completion, ModelList
-
-    def ref(name: str) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    schemas: dict[str, object] = {}
-    for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, CompletionRequest, Completion, ModelList):
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-    error = {"description": "an OpenAI error object", "content": {"application/json": {}}}
-    chat = {
-        "post": {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ref("ChatCompletionRequest")}},
-            },
-            "responses": {
-                "200": {
-                    "description": "a completion, or with stream=true an SSE stream of chunks",
-                    "content": {
-                        "application/json": {"schema": ref("ChatCompletion")},
-                        "text/event-stream": {"schema": ref("ChatCompletionChunk")},
-                    },
-                },
-                **{status: error for status in ("400", "401", "404", "413", "429", "500", "503", "504")},
-            },
-        }
-    }
-    legacy = {
-        "post": {
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref("CompletionRequest")}}},
-            "responses": {
-                "200": {
-                    "description": "a text_completion, or SSE chunks of one",
-                    "content": {"application/json": {"schema": ref("Completion")}},
-                },
-                **{status: error for status in ("400", "401", "404", "413", "429", "500", "503", "504")},
-            },
-        }
-    }
-    models = {
-        "get": {
-            "responses": {
-                "200": {
-                    "description": "the served model",
-                    "content": {"application/json": {"schema": ref("ModelList")}},
-                }
-            }
-        }
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "trioserve", "version": "0.1.0"},
-        "paths": {"/v1/chat/completions": chat, "/v1/completions": legacy, "/v1/models": models},
-        "components": {"schemas": schemas},
-    }
 
 
 def _preflight(settings: Settings) -> Response:
