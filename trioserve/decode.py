@@ -79,7 +79,9 @@ class DecodeStep:
         """One decode pass: ``tokens[i]`` enters at ``positions[i]`` of slot ``slots[i]``; returns the float32
         logits of those rows, in that order ([len(slots), vocab], on the model's device)."""
         rows = bucket_of(self.row_buckets, max(slots) + 1)
-        columns = bucket_of(self.column_buckets, max(positions) + 1)
+        # Graphs need a fixed set of shapes; an eager pass attends over exactly the columns in use.
+        need = max(positions) + 1
+        columns = bucket_of(self.column_buckets, need) if self.captured else need
         host = self._host
         host[:2].zero_()  # padding rows: token 0 at position 0 ...
         host[2].fill_(self._arena.scratch)  # ... writing to the scratch column
