@@ -95,6 +95,11 @@ class DecodeStep:
             return logits
         return logits.index_select(0, index.to(logits.device))
 
+    def drop_graphs(self) -> None:
+        """Back to eager passes (a capture failed)."""
+        self._graphs.clear()
+        self.captured = False
+
     def _pass(self, rows: int, columns: int) -> Callable[[], None]:
         if self.captured:
             return self._graphs[rows, columns]
