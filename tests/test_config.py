@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trioserve.cli import main
-from trioserve.config import ConfigError, load_settings
+from trioserve.config import ConfigError, Settings, env_name, load_settings
 
 
 def test_old_server_environment_names() -> None:
@@ -63,3 +65,13 @@ def test_cli_reports_configuration_errors(capsys: pytest.CaptureFixture[str], mo
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "flash_attention_2" in err and "flash-attn" in err
+
+
+def test_readme_documents_every_flag_and_environment_variable() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [
+        name
+        for name in Settings.model_fields
+        if f"--{name.replace('_', '-')}" not in readme or f"`{env_name(name)}`" not in readme
+    ]
+    assert not missing
