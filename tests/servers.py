@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
 import torch
 import trio
+import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
@@ -136,3 +139,16 @@ async def legacy(served: Served, **kwargs: Any) -> Any:
         return list(result) if kwargs.get("stream") else result
 
     return await with_sdk(served, create)
+
+
+def tls_files(tmp_path: Path) -> tuple[tuple[str, str], ssl.SSLContext]:
+    """A certificate for 127.0.0.1/localhost signed by a new CA: (certfile, keyfile), and a client context
+    trusting that CA."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return (str(certfile), str(keyfile)), context

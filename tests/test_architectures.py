@@ -17,8 +17,8 @@ What each family needed, and why (from transformers 5.24's modeling code):
   columns they belong to, and the window is one more condition of the decode mask. (The left-padded join
   of version 1 could not batch them.)
 - falcon, bloom: exact, one sequence per pass. Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D
-  mask, so neither takes the arena's masks; the runner's load-time probe sees it and keeps them on their
-  own caches (`architectures` names the reason for the log).
+  mask, so neither takes the arena's masks; transformers reports it (`_can_set_attn_implementation`), so
+  the runner keeps them on their own caches (`architectures` names the reason for the log).
 - mamba, falcon_mamba: decode went wrong from the third token when a 2-D mask was passed at decode. Their
   `apply_mask_to_padding_states` multiplies the one new token's hidden states ``[rows, 1, hidden]`` by a
   2-D mask ``[rows, length]`` (these two families do not trim it with `create_recurrent_attention_mask` as
@@ -99,8 +99,8 @@ FAMILIES = [
     Family("phi3"),
     Family("gpt2"),
     Family("gpt_neox"),
-    # Falcon and Bloom call SDPA themselves (Falcon) or derive ALiBi from a 2-D mask (Bloom): the arena's
-    # load-time probe sees their decode disagree and keeps them on their own caches, exact but one per pass.
+    # Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D mask: transformers reports that they bypass
+    # its attention interface, so the runner keeps them off the arena, on their own caches (exact, one per pass).
     Family("falcon", batches=False),
     Family("olmo2"),
     Family("starcoder2"),

@@ -32,11 +32,10 @@ import httpx
 import openai
 import pytest
 import trio
-import trustme
 from hypercorn.trio import serve
 
 from bench.soak import rss_bytes
-from tests.servers import demo_app
+from tests.servers import demo_app, tls_files
 from trioserve import hypercorn_fixes
 from trioserve.app import TrioserveApp
 from trioserve.cli import hypercorn_config
@@ -299,17 +298,6 @@ async def test_a_64_mib_upload_gets_its_413_at_once_without_being_read_http1() -
         assert sent < 32 << 20, f"the client uploaded {sent >> 20} MiB"
         again = await client.post(url + CHAT, json=SHORT)  # a fresh connection serves
         assert again.status_code == 200
-
-
-def tls_files(tmp_path: Path) -> tuple[tuple[str, str], ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return (str(certfile), str(keyfile)), context
 
 
 @pytest.mark.parametrize("transport", ["h2c", "tls"])

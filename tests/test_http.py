@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import ssl
 from contextlib import aclosing
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import httpx
 import openai
 import pytest
 import trio
-import trustme
 
 from tests.conftest import live_caches
 from tests.h2client import H2Client
-from tests.servers import demo_app, serve_on_loopback
+from tests.servers import demo_app, serve_on_loopback, tls_files
 from trioserve.engine import Engine
 from trioserve.tinymodel import build_tokenizer
 from trioserve.tokenization import ChatTokenizer
@@ -108,14 +106,8 @@ async def test_h2c_stream_with_prior_knowledge() -> None:
 
 
 async def test_tls_negotiates_h2_through_alpn(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    async with serve_on_loopback(demo_app(), certfile=str(certfile), keyfile=str(keyfile)) as served:
+    (certfile, keyfile), context = tls_files(tmp_path)
+    async with serve_on_loopback(demo_app(), certfile=certfile, keyfile=keyfile) as served:
         assert served.url.startswith("https://")
         async with httpx.AsyncClient(http2=True, verify=context) as client:
             response = await client.post(

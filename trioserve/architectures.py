@@ -35,8 +35,8 @@ _UNSUPPORTED = {
 
 
 # Attention that does not go through transformers' AttentionInterface, so the arena's per-row masks never
-# reach it. The runner's load-time probe finds this too (and keeps any such model off the arena); named here
-# so the startup log can say why.
+# reach it. The runner finds this too (transformers' `_can_set_attn_implementation`, then a load-time probe)
+# and keeps such models off the arena; named here so the startup log can say why.
 _OWN_ATTENTION = {
     "falcon": "its attention calls SDPA directly rather than through transformers' attention interface",
     "bloom": "it computes its ALiBi bias from a 2-D padding mask and its attention bypasses the interface",
