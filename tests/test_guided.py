@@ -4,6 +4,7 @@ sampling rules (min_tokens, a failed matcher), and models whose tokenizer llguid
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tests.strategies import SCHEMA_KEYWORDS, schemas
 from trioserve.chat import ChatService
 from trioserve.engine import Engine
 from trioserve.errors import InvalidRequest
-from trioserve.guided import Guide, GuideFactory, json_grammar
+from trioserve.guided import Guide, GuideFactory, closed, json_grammar
 from trioserve.protocol import ChatCompletionRequest
 from trioserve.sampling import SequenceSampler, sample_rows, unpack_bitmask
 from trioserve.tokenization import ChatTokenizer
@@ -98,6 +99,62 @@ def test_a_uniform_model_under_a_schema_gives_matching_json(
         assert tokens[-1] == eos
         value = json.loads(hf_tokenizer.decode(tokens[:-1]))
         assert 2 <= len(value) <= 4 and set(value) <= {1, 22, 333}
+
+
+def sample_values(hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory, schema: dict[str, Any]) -> list[Any]:
+    """What a uniform model writes under ``schema``, for a few seeds (the grammar decides everything), with
+    no whitespace between tokens (a uniform model would spend its tokens on it)."""
+    schema = schema | {"x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None}}
+    eos = int(hf_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    values = []
+    for seed in range(6):
+        params = SamplingParams(seed=seed, grammar=json_grammar(schema))
+        sampler = SequenceSampler(params, (), len(hf_tokenizer), CPU, guides.guide(params.grammar or ""))
+        tokens = drive(hf_tokenizer, sampler, eos, 400)
+        assert tokens[-1] == eos
+        values.append(json.loads(hf_tokenizer.decode(tokens[:-1])))
+    return values
+
+
+def test_objects_with_properties_get_no_keys_of_the_models_invention(
+    hf_tokenizer: PreTrainedTokenizerBase, guides: GuideFactory
+) -> None:
+    # JSON Schema leaves objects open; a uniform model, allowed to, adds keys after "a" in most samples.
+    digit = {"type": "integer", "minimum": 0, "maximum": 9}
+    schema = {"type": "object", "properties": {"a": digit}, "required": ["a"]}
+    nested = {"type": "array", "items": schema, "minItems": 1, "maxItems": 2}
+    for value in sample_values(hf_tokenizer, guides, {"type": "object", "properties": {"x": nested}, "required": ["x"]}):
+        assert value.keys() == {"x"} and all(item.keys() == {"a"} for item in value["x"])
+
+
+def test_all_of_members_stay_open_so_together_they_can_be_met() -> None:
+    # Closing each member would leave no object that satisfies both (each forbids the other's key), and
+    # llguidance refuses such a schema as unsatisfiable.
+    digit = {"type": "integer", "minimum": 0, "maximum": 9}
+    part = {"type": "object", "properties": {"b": digit}, "required": ["b"]}
+    schema = {
+        "$defs": {"Part": part},
+        "allOf": [{"type": "object", "properties": {"a": digit}, "required": ["a"]}, {"$ref": "#/$defs/Part"}],
+    }
+    assert closed(schema) == schema
+    json_grammar(schema)
+    with pytest.raises(InvalidRequest, match="nsatisfiable"):
+        json_grammar({"allOf": [{**member, "additionalProperties": False} for member in (schema["allOf"][0], part)]})
+
+
+def test_closing_objects_reads_schema_maps_as_maps() -> None:
+    # A property named "properties" is a property, not the keyword.
+    schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {}}}}
+    assert closed(schema) == {
+        "type": "object",
+        "properties": {"properties": {"type": "object", "properties": {}, "additionalProperties": False}},
+        "additionalProperties": False,
+    }
+    # Values are values: an enum of objects is not a schema.
+    values = {"enum": [{"properties": {}}], "const": {"properties": {}}, "default": {"properties": {}}}
+    assert closed(values) == values
+    kept = {"properties": {"a": {}}, "additionalProperties": True}
+    assert closed(kept) == kept
 
 
 def test_min_tokens_holds_eos_back_only_while_the_grammar_allows_more(

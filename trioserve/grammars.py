@@ -24,7 +24,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from trioserve.errors import InvalidRequest
-from trioserve.guided import JSON_DEFAULTS, _is_panic, json_grammar
+from trioserve.guided import JSON_DEFAULTS, JSON_VALUES, _is_panic, closed, json_grammar
 from trioserve.types import CallSyntax, Marker, OutputSchema, Thinking, ToolSpec
 
 # Whitespace allowed between a closed thinking block and the answer.
@@ -161,7 +161,7 @@ def _options(schema: Mapping[str, Any], strict: bool, layout: Mapping[str, Any] 
     """A schema for ``%json``, with the whitespace ``layout`` and the strictness asked for (a schema's own
     "x-guidance" options win)."""
     options = dict(layout) | {"lenient": not strict} | dict(schema.get("x-guidance") or {})
-    return json.dumps(dict(schema) | {"x-guidance": options})
+    return json.dumps(closed(dict(schema)) | {"x-guidance": options})
 
 
 def _call_schema(tools: tuple[ToolSpec, ...], syntax: CallSyntax) -> dict[str, Any]:
@@ -179,13 +179,10 @@ def _call_schema(tools: tuple[ToolSpec, ...], syntax: CallSyntax) -> dict[str, A
     return {"$defs": defs} | (calls[0] if len(calls) == 1 else {"anyOf": calls})
 
 
-_VALUES = frozenset({"const", "enum", "default", "examples"})  # JSON values, not schemas: no references inside
-
-
 def _relocate(value: Any, base: str) -> Any:
     """``value`` with every local ``$ref`` ("#...") made relative to ``base``, where ``value`` will live."""
     if isinstance(value, dict):
-        moved = {key: item if key in _VALUES else _relocate(item, base) for key, item in value.items()}
+        moved = {key: item if key in JSON_VALUES else _relocate(item, base) for key, item in value.items()}
         ref = value.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             moved["$ref"] = base + ref[1:]

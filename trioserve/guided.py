@@ -46,7 +46,7 @@ def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "
     """
     try:
         grammar = LLMatcher.grammar_from_json_schema(
-            json.dumps(schema), defaults=JSON_DEFAULTS, overrides={"lenient": not strict}
+            json.dumps(closed(schema)), defaults=JSON_DEFAULTS, overrides={"lenient": not strict}
         )
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
     except BaseException as exc:
@@ -58,6 +58,72 @@ def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "
     if messages:
         logger.warning("%s: schema enforced in part: %s", param, "; ".join(messages))
     return grammar
+
+
+# Keywords after which an object's other properties are the schema's own business, not ours to close.
+_OPEN_ENDED = frozenset(
+    {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref"}
+    | {"if", "dependentSchemas", "not"}
+)
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with every object that lists its ``properties`` closed to other keys (as if it said
+    ``"additionalProperties": false``), unless it says what other keys may be or combines schemas.
+
+    JSON Schema leaves an object open by default, and a grammar that follows it lets a model append keys of
+    its own invention after the ones asked for: a tool called with arguments its function does not take, an
+    answer the caller's model class rejects. OpenAI's strict mode requires the keyword on every object;
+    vLLM's default grammar backend (xgrammar, ``strict_mode``) closes objects the same way. A schema that
+    wants extra keys says so: ``"additionalProperties": true``. The members of an ``allOf`` stay open (each
+    sees only some of the properties), and so do the definitions they refer to.
+    """
+    shared = _all_of_refs(schema, set())
+    return _close(schema, shared, "#")
+
+
+def _close(node: Any, shared: set[str], path: str, *, top_open: bool = False) -> Any:
+    if isinstance(node, list):
+        return [_close(item, shared, f"{path}/{i}") for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    moved: dict[str, Any] = {}
+    for key, value in node.items():
+        here = f"{path}/{key}"
+        if key in JSON_VALUES or not isinstance(value, dict | list):
+            moved[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            moved[key] = {
+                name: sub if f"{here}/{name}" in shared else _close(sub, shared, f"{here}/{name}")
+                for name, sub in value.items()
+            }
+        elif key == "allOf" and isinstance(value, list) and len(value) > 1:
+            moved[key] = [_close(item, shared, f"{here}/{i}", top_open=True) for i, item in enumerate(value)]
+        else:
+            moved[key] = _close(value, shared, here)
+    if not top_open and isinstance(node.get("properties"), dict) and not _OPEN_ENDED & node.keys():
+        moved["additionalProperties"] = False
+    return moved
+
+
+def _all_of_refs(node: Any, found: set[str]) -> set[str]:
+    """The local references that are members of an ``allOf`` of several schemas."""
+    if isinstance(node, list):
+        for item in node:
+            _all_of_refs(item, found)
+    elif isinstance(node, dict):
+        members = node.get("allOf")
+        if isinstance(members, list) and len(members) > 1:
+            found.update(m["$ref"] for m in members if isinstance(m, dict) and isinstance(m.get("$ref"), str))
+        for key, value in node.items():
+            if key not in JSON_VALUES:
+                _all_of_refs(value, found)
+    return found
+
+
+JSON_VALUES = frozenset({"const", "enum", "default", "examples"})  # keywords whose values are JSON, not schemas
+# Keywords whose values map names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
 
 
 def _is_panic(exc: BaseException) -> bool:
