@@ -123,7 +123,8 @@ def test_objects_with_properties_get_no_keys_of_the_models_invention(
     digit = {"type": "integer", "minimum": 0, "maximum": 9}
     schema = {"type": "object", "properties": {"a": digit}, "required": ["a"]}
     nested = {"type": "array", "items": schema, "minItems": 1, "maxItems": 2}
-    for value in sample_values(hf_tokenizer, guides, {"type": "object", "properties": {"x": nested}, "required": ["x"]}):
+    outer = {"type": "object", "properties": {"x": nested}, "required": ["x"]}
+    for value in sample_values(hf_tokenizer, guides, outer):
         assert value.keys() == {"x"} and all(item.keys() == {"a"} for item in value["x"])
 
 
