@@ -25,17 +25,8 @@ from trioserve.chat import ChatService
 from trioserve.completions import CompletionService
 from trioserve.engine import Engine
 from trioserve.errors import GenerationFailed, TrioserveError
-from trioserve.protocol import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
-    ChunkChoice,
-    CompletionRequest,
-    Delta,
-    TokenLogprob,
-    Usage,
-    dump,
-)
+from trioserve.protocol import ChatCompletionRequest, CompletionRequest
+from trioserve.replies import ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob, Usage, dump
 from trioserve.serving import RequestTiming
 from trioserve.sse import ChunkEncoder
 from trioserve.tinymodel import build_tokenizer

@@ -20,11 +20,12 @@ import trio
 from trioserve.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
 from trioserve.engine import Engine, TokenStream
 from trioserve.errors import TrioserveError
-from trioserve.protocol import (
+from trioserve.protocol import ChatCompletionRequest
+from trioserve.reasoning import choose_thinking, prompt_opens
+from trioserve.replies import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
@@ -32,7 +33,6 @@ from trioserve.protocol import (
     chat_completion_id,
     now,
 )
-from trioserve.reasoning import choose_thinking, prompt_opens
 from trioserve.serving import (
     SYSTEM_FINGERPRINT,
     GenerationService,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trioserve.protocol import AssistantMessage, Delta
 from trioserve.reasoning import Answer, Reasoning, ReasoningSplitter
+from trioserve.replies import AssistantMessage, Delta
 from trioserve.toolcalls import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from trioserve.toolparsers import CallArguments, CallFinished, CallParser, CallStarted, Content
 from trioserve.types import CallSyntax, FinishReason, Thinking

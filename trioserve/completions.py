@@ -13,15 +13,8 @@ import trio
 
 from trioserve.engine import TokenStream
 from trioserve.errors import InvalidRequest, TrioserveError
-from trioserve.protocol import (
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    TokenLogprob,
-    completion_id,
-    now,
-)
+from trioserve.protocol import CompletionRequest
+from trioserve.replies import Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, completion_id, now
 from trioserve.serving import (
     SYSTEM_FINGERPRINT,
     GenerationService,

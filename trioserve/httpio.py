@@ -26,7 +26,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from trioserve.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
-from trioserve.protocol import dump
+from trioserve.replies import dump
 from trioserve.serving import RequestTiming
 from trioserve.sse import sse_event as sse_event  # SSE framing lives in trioserve.sse; re-exported
 

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from trioserve.protocol import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ModelList,
-)
+from trioserve.protocol import ChatCompletionRequest, CompletionRequest
+from trioserve.replies import ChatCompletion, ChatCompletionChunk, Completion, ModelList
 from trioserve.responses_protocol import Response, ResponsesRequest
 from trioserve.tokens import (
     DetokenizeRequest,

@@ -1,4 +1,5 @@
-"""Wire models: what clients send and receive, in the field order of OpenAI's API reference.
+"""Wire models of what clients send to chat and legacy completions, in the field order of OpenAI's API
+reference (what they receive: `replies`).
 
 Fields beyond OpenAI's are fenced off under "Extensions" in each model. Unknown fields are accepted (old
 clients and agent frameworks send extras) and reported through `unknown_fields` so the app can log them.
@@ -7,35 +8,17 @@ clients and agent frameworks send extras) and reported through `unknown_fields` 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trioserve.errors import InvalidRequest
-from trioserve.toolcalls import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, forced_tools, tools_in_play
+from trioserve.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
 from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue place
-
-
-def chat_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
 
 
 # -- requests -------------------------------------------------------------------------------------------
@@ -334,136 +317,3 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(item, int) for item in prompt):
             return [[int(item) for item in prompt]]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
-
-
-# -- responses ------------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class _OmitsAbsentToolCalls(BaseModel):
-    """``tool_calls`` and ``reasoning_content`` appear only when there are some, as in OpenAI's responses
-    (and vLLM's, for reasoning)."""
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in ("tool_calls", "reasoning_content"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
-
-
-class AssistantMessage(_OmitsAbsentToolCalls):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCall] | None = None
-    reasoning_content: str | None = None  # the thinking block, for reasoning models (vLLM's name)
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class Delta(_OmitsAbsentToolCalls):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-    reasoning_content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """The legacy logprobs shape."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class Completion(BaseModel):
-    """A legacy completion, and also each chunk of a streamed one (same object type, as OpenAI does)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "trioserve"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """JSON-ready dict, keeping explicit nulls where OpenAI sends them."""
-    return model.model_dump(mode="json", exclude_none=False)

@@ -17,7 +17,8 @@ from typing import Any
 from trioserve.chat import ChatService
 from trioserve.engine import TokenStream
 from trioserve.errors import InvalidRequest, TrioserveError
-from trioserve.protocol import AssistantMessage, ChatCompletionRequest, Usage, now
+from trioserve.protocol import ChatCompletionRequest
+from trioserve.replies import AssistantMessage, Usage, now
 from trioserve.response_store import ResponseStore
 from trioserve.responses_input import ChatMessageDict, chat_request, input_messages, output_messages, renamed
 from trioserve.responses_protocol import (

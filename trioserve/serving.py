@@ -23,15 +23,8 @@ from trioserve.errors import (
     TrioserveError,
     Unavailable,
 )
-from trioserve.protocol import (
-    ModelCard,
-    ModelList,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-    _SamplingFields,
-    now,
-)
+from trioserve.protocol import _SamplingFields
+from trioserve.replies import ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, now
 from trioserve.tokenization import StopMatcher
 from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
 
