@@ -223,3 +223,15 @@ async def test_legacy_completions_logprobs_stream_and_errors(served: Served) -> 
             await legacy(served, **kwargs)
         if param is not None:
             assert info.value.param == param
+
+
+async def test_every_reasoning_effort_the_sdk_knows_is_accepted(served: Served) -> None:
+    # Read from the installed SDK, so a value OpenAI adds shows up here (xhigh and max were 400s once).
+    from typing import get_args
+
+    from openai.types.shared.reasoning_effort import ReasoningEffort
+
+    (efforts,) = (arg for arg in get_args(ReasoningEffort) if get_args(arg))
+    for effort in get_args(efforts):
+        completion = await chat(served, messages=HI, max_tokens=2, reasoning_effort=effort)
+        assert completion.choices[0].message.content is not None

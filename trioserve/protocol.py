@@ -229,7 +229,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # absent: true (several calls in one turn)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # to templates taking it
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None  # to templates
 
     # -- Extensions (not in OpenAI's API) --
     chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables, e.g. enable_thinking
