@@ -93,7 +93,9 @@ def run_agent(served: Served, api: str, *, auto: bool = False, stream: bool = Fa
         model_class = OpenAIResponsesModel if api == "responses" else OpenAIChatCompletionsModel
         model = model_class(model="m", openai_client=client)
         if auto:
-            settings = ModelSettings(max_tokens=200, extra_body={"logit_bias": {token_of(served, "<tool_call>"): 100}})
+            # One call: with the bias, the model would open call after call until max_tokens.
+            bias = {token_of(served, "<tool_call>"): 100}
+            settings = ModelSettings(max_tokens=200, parallel_tool_calls=False, extra_body={"logit_bias": bias})
         else:
             # Required for the first turn (the grammar ends the call); the hook then makes the answer short.
             settings = ModelSettings(tool_choice="required", extra_body={"logit_bias": compact(served)})
@@ -243,7 +245,7 @@ def test_langchain_with_structured_output(served: Served) -> None:
 
 def test_langchain_bind_tools_auto(served: Served) -> None:
     llm = chat_openai(served, max_tokens=200, extra_body={"logit_bias": {token_of(served, "<tool_call>"): 100}})
-    message = llm.bind_tools([Forecast], strict=True).invoke("Weather in Ipoh?")
+    message = llm.bind_tools([Forecast], strict=True, parallel_tool_calls=False).invoke("Weather in Ipoh?")
     (call,) = message.tool_calls
     Forecast.model_validate(call["args"])
 
@@ -289,7 +291,9 @@ def test_sdk_responses_auto_tool_call(served: Served) -> None:
             model="m",
             input="Trip?",
             tools=[tool],
+            parallel_tool_calls=False,
             max_output_tokens=200,
             extra_body={"logit_bias": bias},  # type: ignore[list-item]
         )
-    assert [item.type for item in response.output][-1] == "function_call"
+    assert [item.type for item in response.output] == ["function_call"]
+    Forecast.model_validate_json(response.output[0].arguments)  # type: ignore[union-attr]

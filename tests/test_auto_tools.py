@@ -264,3 +264,22 @@ async def test_thinking_off_and_a_format_after_thinking(thinking_served: Served)
             assert "</think>" not in (choice.message.model_extra.get("reasoning_content") or "")
             finished += 1
     assert finished >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_mistral_v11_calls_name_before_arguments(stream: bool) -> None:
+    # Mistral's format from its v11 tokenizers, `[TOOL_CALLS]name[ARGS]{...}`: the name is outside the JSON.
+    async with serve_on_loopback(tool_app(tool_call_parser="mistral_v11")) as served:
+        bias = {str(token("[TOOL_CALLS]")): 100}
+        kwargs = {"messages": ASK, "tools": [WEATHER, CLOCK], "logit_bias": bias, "parallel_tool_calls": False}
+        if stream:
+            content, calls, finishes = streamed_calls(await chat(served, seed=5, stream=True, **kwargs))
+            assert content == "" and finishes == ["tool_calls"]
+            ((call_id, name, arguments),) = [tuple(call.values()) for call in calls.values()]
+        else:
+            choice = (await chat(served, seed=5, **kwargs)).choices[0]
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            (call,) = choice.message.tool_calls
+            call_id, name, arguments = call.id, call.function.name, call.function.arguments
+        check_call(name, arguments)
+        assert len(call_id) == 9 and call_id.isalnum()  # Mistral's templates take nothing else

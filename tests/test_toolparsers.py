@@ -26,6 +26,7 @@ from trioserve.toolparsers import (
     HERMES,
     LLAMA3_JSON,
     MISTRAL,
+    MISTRAL_V11,
     CallArguments,
     CallStarted,
     Content,
@@ -55,6 +56,7 @@ def accepts(hf_tokenizer: PreTrainedTokenizerBase, spec: OutputSchema, text: str
 def test_syntaxes_are_detected_from_templates() -> None:
     assert detect_syntax(CHATML_TEMPLATE) is HERMES
     assert detect_syntax("{{ '[TOOL_CALLS]' + calls|tojson }}") is MISTRAL
+    assert detect_syntax("{{ '[TOOL_CALLS]' + call.name + '[ARGS]' + call.arguments|tojson }}") is MISTRAL_V11
     assert detect_syntax("{{- '<|python_tag|>' }}") is LLAMA3_JSON
     assert detect_syntax("{{ messages }}") is None
 
@@ -75,6 +77,12 @@ def test_syntaxes_are_detected_from_templates() -> None:
             'ok[TOOL_CALLS][{"name": "noop", "arguments": {}}]',
             '[TOOL_CALLS][{"name": "trip", "arguments": {}}]',
         ),
+        (
+            MISTRAL_V11,
+            'ok[TOOL_CALLS]noop[ARGS]{}[TOOL_CALLS]trip[ARGS]{"origin": {"name": "Oslo"}}',
+            '[TOOL_CALLS]trip[ARGS]{"origin": {"name": "Oslo", "x": 1}}',
+        ),
+        (MISTRAL_V11, "Plain text.", '[TOOL_CALLS]{"name": "noop", "arguments": {}}'),
     ],
 )
 def test_auto_grammars_accept_text_or_valid_calls_only(
@@ -109,10 +117,18 @@ def test_a_bad_tool_schema_names_its_tool() -> None:
     assert caught.value.param == "tools[3].function.parameters"
 
 
-@given(st.lists(st.integers(1, 9), min_size=1, max_size=40))
-def test_reading_does_not_depend_on_how_the_output_is_split(cuts: list[int]) -> None:
-    text = HERMES_OUTPUT + "\n" + HERMES_OUTPUT.removeprefix("Sure.\n").replace("Oslo", 'O\\"}{')
-    reader, events, at = ChoiceReader(OutputPlan(calls=HERMES)), [], 0
+SPLIT_OUTPUTS = {
+    "hermes": HERMES_OUTPUT + "\n" + HERMES_OUTPUT.removeprefix("Sure.\n").replace("Oslo", 'O\\"}{'),
+    "mistral_v11": 'Sure. [TOOL_CALLS]trip[ARGS]{"origin": {"name": "Oslo"}}[TOOL_CALLS]trip[ARGS]'
+    '{"origin": {"name": "O\\"}{"}}',
+}
+
+
+@pytest.mark.parametrize("syntax", [HERMES, MISTRAL_V11], ids=lambda syntax: syntax.name)
+@given(cuts=st.lists(st.integers(1, 9), min_size=1, max_size=40))
+def test_reading_does_not_depend_on_how_the_output_is_split(syntax: CallSyntax, cuts: list[int]) -> None:
+    text = SPLIT_OUTPUTS[syntax.name]
+    reader, events, at = ChoiceReader(OutputPlan(calls=syntax)), [], 0
     for cut in cuts * 20:
         events += reader.feed(text[at : at + cut])
         at += cut
@@ -138,6 +154,14 @@ def test_messages_for_each_syntax() -> None:
     )
     assert [c.function.name for c in mistral.tool_calls or []] == ["f", "g"]
     assert all(len(c.id) == 9 and c.id.isalnum() for c in mistral.tool_calls or [])  # Mistral's templates insist
+    v11, finish = message_of(
+        OutputPlan(calls=MISTRAL_V11), 'Both.[TOOL_CALLS]f[ARGS]{"a": "}"}[TOOL_CALLS]g[ARGS]{}', stop
+    )
+    assert finish == "tool_calls" and v11.content == "Both." and v11.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in v11.tool_calls] == [("f", '{"a": "}"}'), ("g", "{}")]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in v11.tool_calls)
+    cut, finish = message_of(OutputPlan(calls=MISTRAL_V11), 'x[TOOL_CALLS]f[ARGS]{"a": ', FinishReason.LENGTH)
+    assert (finish, cut.tool_calls, cut.content) == ("length", None, 'x[TOOL_CALLS]f[ARGS]{"a": ')
     named, finish = message_of(OutputPlan(calls=BARE_JSON, named=True), '{"name": "f", "arguments": {}}', stop)
     assert finish == "stop" and named.tool_calls
     cut, finish = message_of(OutputPlan(calls=HERMES), HERMES_OUTPUT[:40], FinishReason.LENGTH)

@@ -1,5 +1,6 @@
 """A tiny random model whose tokenizer has the tool-call and thinking markers as single added tokens, as
-Qwen's do, so tests can drive the model's choice between text and a call with ``logit_bias`` on one token."""
+Qwen's and Mistral's do, so tests can drive the model's choice between text and a call with ``logit_bias``
+on one token."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from trioserve.runner import TransformersRunner
 from trioserve.tinymodel import CHATML_TEMPLATE, build_model, build_tokenizer
 from trioserve.tokenization import ChatTokenizer
 
-MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]"]  # Qwen, Mistral
 _PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 # R1-style: the assistant turn opens the thinking block, so the output starts inside it; with
 # enable_thinking false it is rendered empty and closed (as Qwen3's template does), so the output is all answer.

@@ -20,7 +20,18 @@ Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 # The names of `toolparsers.PARSER_NAMES` and `reasoning.PARSER_NAMES` (config imports neither).
 ToolCallParser = Literal[
-    "auto", "none", "hermes", "llama3_json", "mistral", "json", "qwen", "qwen2_5", "qwen3", "llama", "llama3"
+    "auto",
+    "none",
+    "hermes",
+    "llama3_json",
+    "mistral",
+    "mistral_v11",
+    "json",
+    "qwen",
+    "qwen2_5",
+    "qwen3",
+    "llama",
+    "llama3",
 ]
 ReasoningParser = Literal["auto", "none", "think", "deepseek_r1", "qwen3"]
 

@@ -114,12 +114,7 @@ def _calls(
     syntax: CallSyntax, tools: tuple[ToolSpec, ...], parallel: bool, rules: list[str], *, text_before: bool
 ) -> str:
     """Adds the rules of a turn's calls; returns the expression for them (with any text allowed before)."""
-    strict = any(tool.strict for tool in tools)
-    schema = _call_schema(tools, syntax)
-    if syntax.array:
-        schema = {"$defs": schema.pop("$defs"), "type": "array", "items": schema, "minItems": 1}
-        schema |= {} if parallel else {"maxItems": 1}
-    rules.append(f"call: %json {_options(schema, strict, CALL_JSON)}")
+    rules.append(f"call: {_call(syntax, tools, parallel, rules)}")
     separator, padding = _literal(syntax.separator), _literal(syntax.padding)
     close = _marker(syntax.close) if syntax.close is not None else ""
     opening = _marker(syntax.open) if syntax.open is not None else ""
@@ -142,6 +137,22 @@ def _calls(
     rules.append(r"HEAD_TEXT: /(.|\n)*/")
     rules.append(f"first: head {after_opening}")
     return "first"
+
+
+def _call(syntax: CallSyntax, tools: tuple[ToolSpec, ...], parallel: bool, rules: list[str]) -> str:
+    """The expression for one call (adding the rules it needs)."""
+    if syntax.name_marker is not None:  # name, marker, then the arguments alone
+        names = []
+        for i, tool in enumerate(tools):
+            rules.append(f"arguments_{i}: %json {_options(tool.parameters, tool.strict, CALL_JSON)}")
+            names.append(f"{json.dumps(tool.name)} {_marker(syntax.name_marker)} arguments_{i}")
+        return " | ".join(names)
+    strict = any(tool.strict for tool in tools)
+    schema = _call_schema(tools, syntax)
+    if syntax.array:
+        schema = {"$defs": schema.pop("$defs"), "type": "array", "items": schema, "minItems": 1}
+        schema |= {} if parallel else {"maxItems": 1}
+    return f"%json {_options(schema, strict, CALL_JSON)}"
 
 
 def _literal(text: str) -> str:

@@ -20,7 +20,7 @@ REPLACEMENT_CHAR = "\ufffd"
 _CONTEXT_TOKENS = 4
 # Special tokens that mark tool calls or thinking: decoded as text (not skipped like other special tokens),
 # so that the output parsers (`toolparsers`, `reasoning`) see where calls and thinking start and end.
-SHOWN_MARKERS = ("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<think>", "</think>")
+SHOWN_MARKERS = ("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "<think>", "</think>")
 
 
 class ChatTokenizer:

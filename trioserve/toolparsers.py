@@ -11,8 +11,10 @@ Syntaxes (``--tool-call-parser``):
   ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, after any text.
 - ``llama3_json`` (Llama 3.1-3.3): ``{"name": ..., "parameters": {...}}``, optionally after
   ``<|python_tag|>``, ``; ``-separated, only at the start of the answer.
-- ``mistral`` (Mistral 7B v0.3, Nemo, Small; JSON-list templates):
+- ``mistral`` (Mistral 7B v0.3, Nemo, Small up to 3; JSON-list templates):
   ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``.
+- ``mistral_v11`` (Mistral's tokenizers from v11: Mistral Small 3.1+, Magistral, Devstral, Ministral 3):
+  ``[TOOL_CALLS]name[ARGS]{...}`` for each call, after any text.
 - ``json`` (forced calls for a model whose template shows no syntax): one bare ``{"name": ..., "arguments": ...}``.
 """
 
@@ -35,9 +37,10 @@ LLAMA3_JSON = CallSyntax(
     "llama3_json", open=Marker("<|python_tag|>"), each=False, separator="; ", at_start=True, arguments_key="parameters"
 )
 MISTRAL = CallSyntax("mistral", open=Marker("[TOOL_CALLS]"), each=False, array=True)
+MISTRAL_V11 = CallSyntax("mistral_v11", open=Marker("[TOOL_CALLS]"), name_marker=Marker("[ARGS]"))
 BARE_JSON = CallSyntax("json", each=False, at_start=True)
 
-SYNTAXES = {s.name: s for s in (HERMES, LLAMA3_JSON, MISTRAL, BARE_JSON)}
+SYNTAXES = {s.name: s for s in (HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_V11, BARE_JSON)}
 ALIASES = {"qwen": "hermes", "qwen2_5": "hermes", "qwen3": "hermes", "llama": "llama3_json", "llama3": "llama3_json"}
 PARSER_NAMES = ("auto", "none", *SYNTAXES, *ALIASES)
 
@@ -47,7 +50,7 @@ def detect_syntax(template: str) -> CallSyntax | None:
     if "<tool_call>" in template:
         return HERMES
     if "[TOOL_CALLS]" in template:
-        return MISTRAL
+        return MISTRAL_V11 if "[ARGS]" in template else MISTRAL
     if "<|python_tag|>" in template or '"parameters": dictionary of argument name' in template:
         return LLAMA3_JSON
     return None
@@ -65,12 +68,14 @@ def choose_syntax(parser: str, template: str, token_id: Callable[[str], int | No
     def resolve(marker: Marker | None) -> Marker | None:
         return None if marker is None else Marker(marker.text, token_id(marker.text))
 
-    return dataclasses.replace(syntax, open=resolve(syntax.open), close=resolve(syntax.close))
+    return dataclasses.replace(
+        syntax, open=resolve(syntax.open), close=resolve(syntax.close), name_marker=resolve(syntax.name_marker)
+    )
 
 
 def call_id(syntax: CallSyntax) -> str:
     """A new call id; Mistral's templates accept only nine letters or digits."""
-    if syntax.name == "mistral":
+    if syntax.name.startswith("mistral"):
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -124,7 +129,7 @@ class CallParser:
         self._decided = not syntax.at_start  # at_start: the first character decides text or calls
         self._held = ""
         self._calls = 0
-        self._call: _CallScanner | None = None
+        self._call: _CallScanner | _ArgumentsScanner | None = None
         self._raw = ""  # raw text since the calls opened or the last complete call ended
 
     def feed(self, text: str) -> list[CallEvent]:
@@ -186,16 +191,48 @@ class CallParser:
             if char != "{":
                 self._raw += char
                 return  # wrapping between calls: markers, padding, separators, array brackets
-            self._call = _CallScanner(self._calls, call_id(self._syntax), self._syntax.arguments_key)
             # What a cut-short call shows as text: from its own opening marker (each-call syntaxes), else
             # the opening of the calls for the first one.
             at = self._raw.rfind(self._syntax.open.text) if self._syntax.each and self._syntax.open else -1
             self._raw = self._raw[at:] if at >= 0 else self._raw if self._calls == 0 else ""
+            self._call = self._scanner()
         self._raw += char
         self._call.push(char, events)
         if self._call.done:
             self._call, self._raw = None, ""
             self._calls += 1
+
+    def _scanner(self) -> _CallScanner | _ArgumentsScanner:
+        """A scanner for the call starting now; its name is already in the raw text if the syntax writes it
+        before the arguments (between the opening and the name marker)."""
+        syntax = self._syntax
+        if syntax.name_marker is None:
+            return _CallScanner(self._calls, call_id(syntax), syntax.arguments_key)
+        head = self._raw.removeprefix(syntax.open.text if syntax.open else "")
+        name = head.removesuffix(syntax.name_marker.text).strip()
+        return _ArgumentsScanner(self._calls, call_id(syntax), name)
+
+
+class _ArgumentsScanner:
+    """A call whose name came before it: the object is the arguments, reported as they come."""
+
+    def __init__(self, index: int, call_id: str, name: str) -> None:
+        self.index, self.id, self._name = index, call_id, name
+        self.done = False
+        self._started = False
+        self._json = _JsonDepth()
+        self._arguments = ""
+
+    def push(self, char: str, events: list[CallEvent]) -> None:
+        if not self._started:
+            self._started = True
+            events.append(CallStarted(self.index, self.id, self._name))
+        self._arguments += char
+        events.append(CallArguments(self.index, char))
+        self._json.track(char)
+        if self._json.depth == 0:
+            self.done = True
+            events.append(CallFinished(self.index, self.id, self._name, self._arguments))
 
 
 class _CallScanner:
@@ -204,8 +241,7 @@ class _CallScanner:
     def __init__(self, index: int, call_id: str, arguments_key: str) -> None:
         self.index, self.id, self._key_name = index, call_id, arguments_key
         self.done = False
-        self._depth = 0
-        self._in_string = self._escape = False
+        self._json = _JsonDepth()
         self._expect_key = True  # at depth 1: the next string is a key
         self._key: str | None = None
         self._raw = ""  # the current depth-1 key or value
@@ -216,40 +252,25 @@ class _CallScanner:
         self._pending = ""  # arguments generated before the name (not with our grammars; kept correct anyway)
 
     def push(self, char: str, events: list[CallEvent]) -> None:
-        top_level = self._depth == 1 and not self._in_string
+        top_level = self._json.depth == 1 and not self._json.in_string
         if top_level and char in ",}":
             self._end_value(events)
             self._expect_key = True
         elif top_level and char == ":":
             self._key, self._raw, self._expect_key = json.loads(self._raw.strip()), "", False
-        elif self._depth >= 1 and not (top_level and char.isspace() and not self._in_value):
+        elif self._json.depth >= 1 and not (top_level and char.isspace() and not self._in_value):
             self._in_value = self._in_value or not self._expect_key
             self._raw += char
             if self._in_value and self._key == self._key_name:
                 self._argument_char(char, events)
-        self._track(char)
-        if self._depth == 0:
+        self._json.track(char)
+        if self._json.depth == 0:
             self.done = True
             name = self._name or ""
             events.append(CallFinished(self.index, self.id, name, self._arguments))
 
-    def _track(self, char: str) -> None:
-        if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif char == "\\":
-                self._escape = True
-            elif char == '"':
-                self._in_string = False
-        elif char == '"':
-            self._in_string = True
-        elif char in "{[":
-            self._depth += 1
-        elif char in "}]":
-            self._depth -= 1
-
     def _argument_char(self, char: str, events: list[CallEvent]) -> None:
-        if self._depth == 1 and not self._in_string and char.isspace():
+        if self._json.depth == 1 and not self._json.in_string and char.isspace():
             self._held += char
             return
         text, self._held = self._held + char, ""
@@ -267,6 +288,29 @@ class _CallScanner:
                 events.append(CallArguments(self.index, self._pending))
                 self._pending = ""
         self._key, self._raw, self._in_value, self._held = None, "", False, ""
+
+
+class _JsonDepth:
+    """Where a character of JSON text is: its nesting depth and whether it is inside a string."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = self._escape = False
+
+    def track(self, char: str) -> None:
+        if self.in_string:
+            if self._escape:
+                self._escape = False
+            elif char == "\\":
+                self._escape = True
+            elif char == '"':
+                self.in_string = False
+        elif char == '"':
+            self.in_string = True
+        elif char in "{[":
+            self.depth += 1
+        elif char in "}]":
+            self.depth -= 1
 
 
 def _partial_suffix(text: str, marker: str) -> int:

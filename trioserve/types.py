@@ -61,7 +61,8 @@ class CallSyntax:
     Each call is the JSON object ``{"name": ..., <arguments_key>: ...}``. ``open``/``close`` wrap each call
     (``each``: Hermes' ``<tool_call>``) or all of them once (Mistral's ``[TOOL_CALLS]``); ``padding`` goes
     inside each wrapper, ``separator`` between calls; ``array``: the calls form one JSON array; ``at_start``:
-    calls can only open the answer (no text before them).
+    calls can only open the answer (no text before them). ``name_marker``: the call is not one object but
+    the tool's name, this marker, then the arguments' JSON object (Mistral's ``name[ARGS]{...}``).
     """
 
     name: str
@@ -73,6 +74,7 @@ class CallSyntax:
     array: bool = False
     at_start: bool = False
     arguments_key: str = "arguments"
+    name_marker: Marker | None = None
 
 
 @dataclass(frozen=True, slots=True)
