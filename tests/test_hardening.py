@@ -28,6 +28,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import h11
 import httpx
 import openai
 import pytest
@@ -583,3 +584,61 @@ async def test_health_without_the_key_reveals_only_the_status() -> None:
         keyed = await client.get(url + "/health", headers={"Authorization": "Bearer k"})
         assert keyed.json()["status"] == "failed"
         assert "private-llama" in keyed.json()["error"]
+
+
+# -- the direct send: writes that do not fit go on through Hypercorn's path ----------------------------------
+
+
+async def test_a_slow_readers_stream_arrives_whole_when_writes_stop_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ContainedTCPServer` writes to the socket directly while the kernel takes everything; a client with a
+    # tiny receive buffer that reads nothing for a while makes writes fail or land in part, and the rest must
+    # then go through Hypercorn's own send, in order, with nothing lost or doubled.
+    through_hypercorn = 0
+    original = hypercorn_fixes.TCPServer.protocol_send
+
+    async def counted(self: Any, event: Any) -> None:
+        nonlocal through_hypercorn
+        through_hypercorn += isinstance(event, hypercorn_fixes.RawData)
+        await original(self, event)
+
+    monkeypatch.setattr(hypercorn_fixes.TCPServer, "protocol_send", counted)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 60,
+        "n": 4,
+        "logprobs": True,
+        "top_logprobs": 20,  # ~2 KB per event
+        "ignore_eos": True,
+        "stream": True,
+    }
+    text = b""
+    async with running(demo_app()) as url:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect((parts.hostname, parts.port))
+        # Closed on the way out, also when the test fails: a shielded send to a client that never reads
+        # would never end, and neither would the server's shutdown.
+        async with trio.SocketStream(sock) as stream:
+            data = json.dumps(body).encode()
+            client = h11.Connection(h11.CLIENT)
+            headers = [("Host", "x"), ("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+            request = client.send(h11.Request(method="POST", target=CHAT, headers=headers))
+            await stream.send_all((request or b"") + (client.send(h11.Data(data=data)) or b""))
+            client.send(h11.EndOfMessage())
+            await trio.sleep(1.0)  # the server writes on; the client reads nothing
+            with trio.fail_after(30):
+                while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                    if event is h11.NEED_DATA:
+                        client.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, h11.Data):
+                        text += event.data
+    events = [e.removeprefix(b"data: ") for e in text.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    tokens = [0] * 4
+    for chunk in map(json.loads, events[:-1]):
+        for choice in chunk["choices"]:
+            tokens[choice["index"]] += len((choice.get("logprobs") or {}).get("content") or [])
+    assert tokens == [60] * 4
+    assert through_hypercorn > 0  # the fallback was exercised

@@ -6,8 +6,9 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerBase
 
-from trioserve.tokenization import ChatTokenizer, StopMatcher
+from trioserve.tokenization import ChatTokenizer, StopMatcher, _plain_backend
 
 
 def stream_text(tokenizer: ChatTokenizer, ids: list[int], context: list[int]) -> tuple[list[str], str]:
@@ -114,3 +115,29 @@ def test_text_pipeline_on_real_text(chat_tokenizer: ChatTokenizer, text: str, st
         if not stopped:
             shown += matcher.flush()
     assert (shown, stopped) == reference_cut(full, stops)
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerBase:
+    """A BERT-style tokenizer: WordPiece, whose decode cleans up spaces before punctuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, ".": 3, "##s": 4, ",": 5, "it": 6, "'": 7, "s": 8, "?": 9}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=True, unk_token="[UNK]")
+    tokenizer.chat_template = "{{ messages }}"
+    return tokenizer
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_decoding_equals_transformers_decode(hf_tokenizer: PreTrainedTokenizerBase, data: st.DataObject) -> None:
+    # The demo's byte-level BPE decodes through the Rust tokenizer directly; a tokenizer whose decode also
+    # cleans up spaces goes through transformers (it must not take the shortcut).
+    wordpiece = wordpiece_tokenizer()
+    assert _plain_backend(hf_tokenizer) is not None and _plain_backend(wordpiece) is None
+    for hf in (hf_tokenizer, wordpiece):
+        ids = data.draw(st.lists(st.integers(0, len(hf) - 1), max_size=12))
+        assert ChatTokenizer(hf).decode(ids) == hf.decode(ids, skip_special_tokens=True)
