@@ -163,6 +163,57 @@ async def test_while_the_loop_is_behind_each_chunk_after_the_first_token_carries
     assert all(count >= 2 for count in counts[1:-1])
 
 
+async def test_each_token_reaches_its_stream_once_the_next_step_is_under_way(
+    autojump_clock: trio.testing.MockClock, tokenizer: ChatTokenizer
+) -> None:
+    # The streams' work overlaps the model's: the step loop starts step k+1 before the streams wake for the
+    # token of step k (`streams.Outbox`), so a stream's work never delays the next step's start.
+    log: list[str] = []
+
+    async def offload(step: Callable[[StepPlan], StepOutput], plan: StepPlan, limiter: trio.CapacityLimiter) -> Any:
+        async with limiter:  # where trio.to_thread.run_sync starts the thread
+            log.append("step")
+            await trio.sleep(STEP)
+            return step(plan)
+
+    engine = Engine(lambda: instant_runner(tokenizer), max_concurrent=8, max_queue=8, batch_size=8, offload=offload)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        request = GenerationRequest("r", tuple(tokenizer.encode("hi")), SamplingParams(max_tokens=20, ignore_eos=True))
+        async with engine.submit(request) as stream:
+            async for _ in stream:
+                log.append("token")
+        nursery.cancel_scope.cancel()
+    tokens = [i for i, entry in enumerate(log) if entry == "token"]
+    assert len(tokens) == 20
+    # Token i (from 1) comes from step i; step i + 1 has started before it arrives (but the last).
+    for i, at in enumerate(tokens[:-1], start=1):
+        assert log[:at].count("step") >= i + 1
+
+
+async def test_streams_that_cannot_keep_up_with_the_steps_put_the_engine_behind(
+    autojump_clock: trio.testing.MockClock, tokenizer: ChatTokenizer
+) -> None:
+    # The engine's own signal, in virtual time: as each step ends, how many streams have not yet taken the
+    # previous step's token. A consumer slower than the steps leaves its stream behind every time.
+    async def behind_seen(pause: float) -> list[bool]:
+        async with engine_on(instant_runner(tokenizer)) as engine:
+            service = ChatService(engine)
+            request = ChatCompletionRequest.model_validate(BODY | {"stream": True, "n": 2})
+            prepared = await service.prepare(request, time_limit=600)
+            streams = [engine.submit(generation) for generation in prepared.generations]
+            seen = []
+            async with aclosing(service.stream(prepared, streams)) as items:
+                async for _ in items:
+                    seen.append(engine.behind)
+                    await trio.sleep(pause)
+            return seen
+
+    assert not any(await behind_seen(0))
+    slow = await behind_seen(2 * STEP)
+    assert slow[-1] and sum(slow) > len(slow) // 2
+
+
 async def test_choices_are_coalesced_each_on_its_own(
     autojump_clock: trio.testing.MockClock, tokenizer: ChatTokenizer
 ) -> None:

@@ -26,7 +26,7 @@ import trio
 
 from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
 from trioserve.scheduler import Entry, Phase, QueueFull, Scheduler
-from trioserve.streams import RequestRecord, SequenceState, TokenStream
+from trioserve.streams import Outbox, RequestRecord, SequenceState, TokenStream
 from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToken, StepOutput, StepPlan, TokenEvent
 
 __all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]
@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 # for the step loop to resume. Idle, the hand-back from the worker thread takes ~0.1 ms; a loop saturated by
 # 64 streams, milliseconds. Relative to the step, because holding a token back costs a step of latency.
 BEHIND_SECONDS = 0.001
+# ... or when, as steps end, more than this share of the streams past their first token have not yet taken
+# the previous step's token (on average): the loop cannot keep up with the streams, whatever the lag says
+# (a step that waits for the GIL inside its thread, as a saturated loop makes it, shows no lag at all).
+BEHIND_BACKLOG = 0.25
 
 
 Offload = Callable[[Callable[[StepPlan], StepOutput], StepPlan, trio.CapacityLimiter], Awaitable[StepOutput]]
@@ -109,6 +113,8 @@ class Engine:
         self.loop_lag = 0.0  # seconds from a step's end to the step loop resuming (moving average)
         self.step_seconds = 0.0  # a step's own duration in its thread (moving average)
         self._step_ended = 0.0
+        self.backlog = 0.0  # share of streams still holding the previous step's token as a step ends (average)
+        self._outbox = Outbox()
 
     # -- state for /health and metrics ----------------------------------------------------------------
 
@@ -116,7 +122,7 @@ class Engine:
     def behind(self) -> bool:
         """Whether the event loop is late to pick up finished steps: it is saturated (by streams, mostly),
         so streams should take tokens two at a time (see `GenerationService._next`)."""
-        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 4)
+        return self.loop_lag > max(BEHIND_SECONDS, self.step_seconds / 4) or self.backlog > BEHIND_BACKLOG
 
     @property
     def loading(self) -> bool:
@@ -148,6 +154,7 @@ class Engine:
         """Loads the runner (with ``hotload``), reports started, then runs steps until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._outbox.run)
             if self._hotload:
                 await self._load()
                 if self.load_error is not None:
@@ -227,15 +234,20 @@ class Engine:
         async with self.submit(request) as stream:
             yield stream
 
-    def leave(self, sequence: SequenceState, outcome: str) -> bool:
+    def leave(self, sequence: SequenceState, outcome: str, *, posted: bool = False) -> bool:
         """The one way out of the engine for a sequence; False if it had already left. Synchronous, so it
-        runs to completion even inside a cancelled scope."""
+        runs to completion even inside a cancelled scope. ``posted``: its stream is closed through the
+        outbox, after the events posted there (the step loop's way); otherwise at once, after them."""
         if sequence.outcome is not None:
             return False
         sequence.outcome = outcome
         sequence.left = trio.current_time()
         del self._sequences[sequence.seq_id]
-        sequence.send.close()
+        if posted:
+            self._outbox.post(sequence.send, None)
+        else:
+            self._outbox.flush()
+            sequence.send.close()
         assert self._scheduler is not None
         entry = self._scheduler.remove(sequence.seq_id)
         if entry is not None and self._runner_holds(entry):
@@ -313,9 +325,17 @@ class Engine:
                 self._apply_deferred_releases(runner)
                 raise
             self.failed_steps_in_a_row = 0
-            self.loop_lag += 0.2 * (time.perf_counter() - self._step_ended - self.loop_lag)
+            self._note_cycle()
             self._apply_deferred_releases(runner)
             self._deliver(plan, output, runner)
+
+    def _note_cycle(self) -> None:
+        """Updates `loop_lag` and `backlog` as a finished step is picked up (before its tokens go out)."""
+        self.loop_lag += 0.2 * (time.perf_counter() - self._step_ended - self.loop_lag)
+        streaming = [s for s in self._sequences.values() if s.generated]
+        if streaming:
+            late = sum(s.generated > s.taken for s in streaming) / len(streaming)
+            self.backlog += 0.2 * (late - self.backlog)
 
     def _timed_step(self, runner: Runner, plan: StepPlan) -> StepOutput:
         """``runner.step``, noting when it returned (in the worker thread) for `loop_lag`."""
@@ -342,6 +362,7 @@ class Engine:
         for seq_id in plan.seq_ids():
             sequence = self._sequences.get(seq_id)
             if sequence is not None:
+                self._outbox.flush()
                 sequence.send.send_nowait(error)
                 self.leave(sequence, "error")
 
@@ -355,9 +376,9 @@ class Engine:
                 continue  # it left while the step ran: the result is discarded, its rows already dropped
             sequence.generated += 1
             finish = self._finish_reason(sequence, token, runner)
-            sequence.send.send_nowait(TokenEvent(token, finish))
+            self._outbox.post(sequence.send, TokenEvent(token, finish))
             if finish is not None:
-                self.leave(sequence, finish.value)
+                self.leave(sequence, finish.value, posted=True)
 
     @staticmethod
     def _finish_reason(sequence: SequenceState, token: SampledToken, runner: Runner) -> FinishReason | None:

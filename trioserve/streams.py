@@ -64,9 +64,49 @@ class SequenceState:
     started: float | None = None
     left: float = 0.0
     generated: int = 0
+    taken: int = 0  # token events its stream has taken (fewer than generated: the stream is behind)
     forward_passes: int = 0
     outcome: str | None = None  # set once the sequence has left the engine
     release_pending: bool = False  # left during a step; the runner forgets it when that step returns
+
+
+class Outbox:
+    """Token events the step loop posts, handed to their streams by a task of their own (`run`).
+
+    Sending to a stream wakes its task; woken by the step loop itself, every stream would run before the
+    step loop gets to start the next step (trio's thread hand-off passes through a scheduling round first),
+    so the streams' work and the step would follow each other instead of overlapping. Posted here, the
+    events reach the streams one scheduling round later, by which time the next step is on its way. Events
+    posted for one stream keep their order, and its close (``None``) comes after them.
+    """
+
+    def __init__(self) -> None:
+        self._posted: list[tuple[trio.MemorySendChannel[TokenEvent | TrioserveError], TokenEvent | None]] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def post(self, send: trio.MemorySendChannel[TokenEvent | TrioserveError], event: TokenEvent | None) -> None:
+        """Queues ``event`` for the stream behind ``send`` (``None``: close it)."""
+        if not self._posted:
+            self._lot.unpark_all()
+        self._posted.append((send, event))
+
+    def flush(self) -> None:
+        """Hands every posted event over now (before anything else reaches the same streams)."""
+        posted, self._posted = self._posted, []
+        for send, event in posted:
+            try:
+                if event is None:
+                    send.close()
+                else:
+                    send.send_nowait(event)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the stream was closed (its request left) after the event was posted
+
+    async def run(self) -> None:
+        while True:
+            if not self._posted:
+                await self._lot.park()
+            self.flush()
 
 
 class TokenStream:
@@ -178,6 +218,7 @@ class TokenStream:
             self._failure = item  # raised once the events before it have been handed out
         else:
             self._taken.append(item)
+            self._sequence.taken += 1
 
     def _drain(self) -> None:
         receive_nowait = self._receive.receive_nowait
