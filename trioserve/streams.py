@@ -103,9 +103,12 @@ class Outbox:
                 pass  # the stream was closed (its request left) after the event was posted
 
     async def run(self) -> None:
-        while True:
-            if not self._posted:
-                await self._lot.park()
+        try:
+            while True:
+                if not self._posted:
+                    await self._lot.park()
+                self.flush()
+        finally:  # cancelled (shutdown): what was posted still goes out
             self.flush()
 
 
