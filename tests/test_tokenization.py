@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 from hypothesis import given, settings
@@ -117,6 +118,7 @@ def test_text_pipeline_on_real_text(chat_tokenizer: ChatTokenizer, text: str, st
     assert (shown, stopped) == reference_cut(full, stops)
 
 
+@functools.cache
 def wordpiece_tokenizer() -> PreTrainedTokenizerBase:
     """A BERT-style tokenizer: WordPiece, whose decode cleans up spaces before punctuation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -133,11 +135,13 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerBase:
 
 @settings(max_examples=200)
 @given(data=st.data())
-def test_decoding_equals_transformers_decode(hf_tokenizer: PreTrainedTokenizerBase, data: st.DataObject) -> None:
+def test_decoding_equals_transformers_decode(
+    hf_tokenizer: PreTrainedTokenizerBase, chat_tokenizer: ChatTokenizer, data: st.DataObject
+) -> None:
     # The demo's byte-level BPE decodes through the Rust tokenizer directly; a tokenizer whose decode also
     # cleans up spaces goes through transformers (it must not take the shortcut).
     wordpiece = wordpiece_tokenizer()
     assert _plain_backend(hf_tokenizer) is not None and _plain_backend(wordpiece) is None
-    for hf in (hf_tokenizer, wordpiece):
-        ids = data.draw(st.lists(st.integers(0, len(hf) - 1), max_size=12))
-        assert ChatTokenizer(hf).decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    for tokenizer in (chat_tokenizer, ChatTokenizer(wordpiece)):
+        ids = data.draw(st.lists(st.integers(0, len(tokenizer.hf) - 1), max_size=12))
+        assert tokenizer.decode(ids) == tokenizer.hf.decode(ids, skip_special_tokens=True)

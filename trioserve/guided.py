@@ -60,6 +60,11 @@ def json_grammar(schema: dict[str, Any], *, strict: bool = False, param: str = "
     return grammar
 
 
+JSON_VALUES = frozenset({"const", "enum", "default", "examples"})  # keywords whose values are JSON, not schemas
+# Keywords whose values map names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
+
+
 # Keywords after which an object's other properties are the schema's own business, not ours to close.
 _OPEN_ENDED = frozenset(
     {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref"}
@@ -119,11 +124,6 @@ def _all_of_refs(node: Any, found: set[str]) -> set[str]:
             if key not in JSON_VALUES:
                 _all_of_refs(value, found)
     return found
-
-
-JSON_VALUES = frozenset({"const", "enum", "default", "examples"})  # keywords whose values are JSON, not schemas
-# Keywords whose values map names to schemas.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
 
 
 def _is_panic(exc: BaseException) -> bool:
