@@ -10,11 +10,12 @@ serve *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
-# Lint, format check and strict typing
+# Lint, format check, strict typing and the layering contract (pyproject's [tool.importlinter])
 check:
     ruff check trioserve tests bench
     ruff format --check trioserve tests bench
     mypy
+    lint-imports
 
 # Format the code in place
 fmt:

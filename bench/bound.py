@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from trioserve.config import Settings
-from trioserve.loading import load_runner
-from trioserve.scheduler import Scheduler
+from trioserve.engine.scheduler import Scheduler
+from trioserve.model.loading import load_runner
 from trioserve.types import GenerationRequest, SamplingParams
 
 

@@ -21,7 +21,7 @@ import trio
 
 from bench.client import run_level
 from bench.model import bench_model_dir
-from bench.run import RESULTS, free_port, parse_levels, server
+from bench.servers import RESULTS, free_port, parse_levels, server
 
 PROMPT = "Explain how a context manager works in Python. (#1)"
 INSTANT = Path(__file__).with_name("instant.py")

@@ -26,7 +26,7 @@ import trio
 
 from bench.client import run_level
 from bench.layouts import LAYOUTS
-from bench.run import RESULTS, free_port, parse_levels, server
+from bench.servers import RESULTS, free_port, parse_levels, server
 from bench.static_generate import PROMPT
 
 

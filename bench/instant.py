@@ -108,8 +108,8 @@ def instant_runner(model_dir: str | None, step_seconds: float = 0.0) -> InstantR
     """The instant runner on a tokenizer: the one saved in ``model_dir``, else the demo model's."""
     from transformers import AutoTokenizer
 
-    from trioserve.tinymodel import build_tokenizer
-    from trioserve.tokenization import ChatTokenizer
+    from trioserve.model.tinymodel import build_tokenizer
+    from trioserve.text.tokenization import ChatTokenizer
 
     hf = AutoTokenizer.from_pretrained(model_dir) if model_dir else build_tokenizer()
     tokenizer = ChatTokenizer(hf)

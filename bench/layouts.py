@@ -79,7 +79,7 @@ def build_layout(layout: str, out: Path, device: str) -> Path:
     if (out / "config.json").exists():
         return out
     if layout == "tiny":
-        from trioserve.tinymodel import save_tiny_model
+        from trioserve.model.tinymodel import save_tiny_model
 
         return save_tiny_model(out)
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trioserve.tinymodel import save_tiny_model
+from trioserve.model.tinymodel import save_tiny_model
 
 CACHE = Path(__file__).parent / "cache"
 SHAPE = {

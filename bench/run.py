@@ -10,26 +10,22 @@ import importlib.util
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import trio
 
 from bench.bound import runner_bound, static_batch
 from bench.client import run_level
 from bench.model import bench_model_dir
-from trioserve.guided import json_grammar
-from trioserve.tokenization import ChatTokenizer
+from bench.servers import RESULTS, free_port, parse_levels, server
+from trioserve.text.guided import json_grammar
+from trioserve.text.tokenization import ChatTokenizer
 
-RESULTS = Path(__file__).parent / "results"
 # JSON mode under load: a string that cannot close within max_tokens, so every request produces exactly
 # max_tokens tokens (as ignore_eos does for the plain runs, which a grammar refuses) with the grammar's
 # mask computed and applied at every step.
@@ -41,54 +37,6 @@ PROMPT = (
     "You are a helpful assistant. Tell me, in a few sentences, what is good about the food, the weather, "
     "the cities and the rivers of the place you know best, and why people like to visit it."
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def server(
-    command: Sequence[str],
-    port: int,
-    log: Path,
-    env: dict[str, str] | None = None,
-    ready_s: float = 300,
-    started: list[int] | None = None,
-) -> Iterator[str]:
-    """Starts a server process, waits for /health, and stops it with SIGTERM afterwards. ``started``, if
-    given, receives the process id."""
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
-        )
-        url = f"http://127.0.0.1:{port}"
-        if started is not None:
-            started.append(process.pid)
-        try:
-            deadline = time.monotonic() + ready_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{command[0]} exited early; see {log}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{command} did not become healthy; see {log}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def measure_server(url: str, levels: list[tuple[int, int]], body: dict[str, Any]) -> list[dict[str, float]]:
@@ -141,10 +89,6 @@ def table(report: dict[str, Any]) -> str:
                 f"| {c} | {plain:.1f} | {guided:.1f} | {guided / plain:.2f} | {bound:.1f} | {guided / bound:.0%} |"
             )
     return "\n".join(rows)
-
-
-def parse_levels(text: str) -> list[tuple[int, int]]:
-    return [(int(c), int(n)) for c, n in (pair.split(":") for pair in text.split(","))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from trioserve import sampling
+from trioserve.model import sampling
 from trioserve.types import SamplingParams
 
 OLD = "308cb81"  # main before the batched sampler
@@ -128,8 +128,8 @@ def grammar_rows(old: ModuleType, steps: int, device: str) -> None:
     """Sampled rows, each under a JSON grammar that stays open (a long string), with the bench model's
     tokenizer (16k vocabulary): the masks' cost, old guides (a bytes mask each) against new ones (a row of
     the batch's bitmask each)."""
-    from trioserve.guided import GuideFactory, json_grammar
-    from trioserve.tinymodel import build_tokenizer
+    from trioserve.model.tinymodel import build_tokenizer
+    from trioserve.text.guided import GuideFactory, json_grammar
 
     tokenizer = build_tokenizer(16384)
     vocab, eos = len(tokenizer), frozenset({int(tokenizer.convert_tokens_to_ids("<|im_end|>"))})

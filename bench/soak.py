@@ -172,7 +172,7 @@ def rss_bytes(pid: int | str = "self") -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import subprocess
 
-    from bench.run import free_port, server
+    from bench.servers import free_port, server
 
     parser = argparse.ArgumentParser(prog="soak", description=__doc__)
     parser.add_argument("--requests", type=int, default=3000)

@@ -9,9 +9,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tests.servers import Served, demo_app, serve_on_loopback
-from trioserve.runner import TransformersRunner
-from trioserve.tinymodel import build_model, build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.runner import TransformersRunner
+from trioserve.model.tinymodel import build_model, build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 
 @pytest.fixture(autouse=True)

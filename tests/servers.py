@@ -18,12 +18,12 @@ import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from trioserve.app import TrioserveApp
 from trioserve.cli import build_app  # also applies the Hypercorn HTTP/2 guard
 from trioserve.config import Settings
-from trioserve.engine import Engine
-from trioserve.loading import load_runner
-from trioserve.runner import TransformersRunner
+from trioserve.engine.engine import Engine
+from trioserve.model.loading import load_runner
+from trioserve.model.runner import TransformersRunner
+from trioserve.server.app import TrioserveApp
 from trioserve.types import StepOutput, StepPlan
 
 

@@ -10,7 +10,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from tests.servers import demo_app
-from trioserve.serving import MAX_REPORTED_UNKNOWN
+from trioserve.api.serving import MAX_REPORTED_UNKNOWN
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -178,7 +178,7 @@ async def test_unknown_field_names_are_remembered_up_to_a_bound(
         names = {f"field_{batch}_{i}": 1 for i in range(MAX_REPORTED_UNKNOWN // 2)}
         status, _ = await post(client, {"messages": MESSAGES, "max_tokens": 1, **names})
         assert status == 200
-    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.serving"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.api.serving"]
     logged = [name for m in messages if "does not know" in m for name in m.split(": ", 1)[1].split(", ")]
     assert len(logged) == len(set(logged)) == MAX_REPORTED_UNKNOWN
     assert sum("further ones are not logged" in m for m in messages) == 1

@@ -4,7 +4,7 @@ For each family the table records what it needs (does its decode batch? must its
 whole?), and the tests check three things against it:
 
 - the runner decodes it in the recorded mode (``max_batch_size`` > 1, or one sequence per pass);
-- `trioserve.architectures` says the same, from the config alone;
+- `trioserve.model.architectures` says the same, from the config alone;
 - every request's greedy tokens from one busy run -- staggered arrivals, prompts of different lengths
   prefilled in chunks of 8 tokens or together left-padded, across the sliding window of 6 where there is
   one, one request leaving mid-batch -- equal its solo greedy tokens, computed by recomputing the whole
@@ -56,11 +56,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from trioserve.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
-from trioserve.runner import TransformersRunner
-from trioserve.scheduler import Scheduler
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.engine.scheduler import Scheduler
+from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
+from trioserve.model.runner import TransformersRunner
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams
 
 WINDOW = 6  # sliding window: shorter than a prefill chunk, and than every prompt plus its tokens but one

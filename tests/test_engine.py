@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from tests.fakes import DECODE_SECONDS, PREFILL_SECONDS, FakeRunner, fake_token
-from trioserve.engine import Engine
+from trioserve.engine.engine import Engine
 from trioserve.errors import GenerationFailed, Overloaded
 from trioserve.types import FinishReason, GenerationRequest, SamplingParams, StepPlan
 

@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import make_runner
 from tests.test_runner import Arrival, drive, greedy
-from trioserve.tinymodel import build_model
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.tinymodel import build_model
+from trioserve.text.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

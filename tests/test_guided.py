@@ -15,13 +15,14 @@ from transformers import PreTrainedTokenizerBase
 
 from tests.fakes import FakeRunner
 from tests.strategies import SCHEMA_KEYWORDS, schemas
-from trioserve.chat import ChatService
-from trioserve.engine import Engine
+from trioserve.api.chat import ChatService
+from trioserve.api.protocol import ChatCompletionRequest
+from trioserve.engine.engine import Engine
 from trioserve.errors import InvalidRequest
-from trioserve.guided import Guide, GuideFactory, closed, json_grammar
-from trioserve.protocol import ChatCompletionRequest
-from trioserve.sampling import SequenceSampler, sample_rows, unpack_bitmask
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.logits import unpack_bitmask
+from trioserve.model.sampling import SequenceSampler, sample_rows
+from trioserve.text.guided import Guide, GuideFactory, closed, json_grammar
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import SamplingParams
 
 CPU = torch.device("cpu")

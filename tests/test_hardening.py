@@ -2,7 +2,7 @@
 drain that finishes when the work does (issue 11).
 
 Each test drives a real Hypercorn configured by `trioserve.cli.hypercorn_config` (with
-`trioserve.hypercorn_fixes` installed), through raw sockets, the `h2` state machine, httpx or the openai SDK.
+`trioserve.server.hypercorn_fixes` installed), through raw sockets, the `h2` state machine, httpx or the openai SDK.
 The canary tests run Hypercorn *without* the fixes and assert that the bug they work around is still there:
 when one fails, upstream has fixed that bug and the workaround (and its canary) can go.
 """
@@ -37,10 +37,10 @@ from hypercorn.trio import serve
 
 from bench.soak import rss_bytes
 from tests.servers import demo_app, tls_files
-from trioserve import hypercorn_fixes
-from trioserve.app import TrioserveApp
 from trioserve.cli import hypercorn_config
 from trioserve.config import Settings
+from trioserve.server import hypercorn_fixes
+from trioserve.server.app import TrioserveApp
 
 pytestmark = pytest.mark.socket
 

@@ -14,9 +14,9 @@ import trio
 from tests.conftest import live_caches
 from tests.h2client import H2Client
 from tests.servers import demo_app, serve_on_loopback, tls_files
-from trioserve.engine import Engine
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.engine.engine import Engine
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.socket
 

@@ -9,8 +9,8 @@ import torch
 
 from tests.test_architectures import FAMILIES, UNSUPPORTED, tiny_model, tokenizer
 from trioserve.config import ConfigError, Settings
-from trioserve.loading import check_settings, load_runner, resolve_attention, resolve_dtype
-from trioserve.tinymodel import save_tiny_model
+from trioserve.model.loading import check_settings, load_runner, resolve_attention, resolve_dtype
+from trioserve.model.tinymodel import save_tiny_model
 from trioserve.types import GenerationRequest, PrefillChunk, SamplingParams, StepPlan
 
 
@@ -108,7 +108,7 @@ def test_unservable_family_is_refused_at_load(tmp_path: Path) -> None:
 
 def test_startup_log_names_a_model_run_one_sequence_per_pass(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     load_runner(Settings(model=str(_save("mamba", tmp_path / "m"))))
-    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.loading"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.model.loading"]
     assert any("m runs one sequence per forward pass" in m and "recurrent layers" in m for m in messages)
     assert any("prefills each prompt in one forward pass" in m and "Mamba-1" in m for m in messages)
     caplog.clear()

@@ -24,12 +24,12 @@ from quart.typing import TestClientProtocol as Client
 from tests.fakes import DECODE_SECONDS, PREFILL_SECONDS, FakeRunner
 from tests.h2client import H2Client
 from tests.servers import demo_app
-from trioserve.app import TrioserveApp
-from trioserve.chat import ChatService
-from trioserve.engine import Engine
+from trioserve.api.chat import ChatService
+from trioserve.api.protocol import ChatCompletionRequest
+from trioserve.engine.engine import Engine
 from trioserve.errors import DeadlineExceeded
-from trioserve.protocol import ChatCompletionRequest
-from trioserve.tokenization import ChatTokenizer
+from trioserve.server.app import TrioserveApp
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -19,7 +19,7 @@ from tests.conftest import live_caches
 from tests.h2client import H2Client
 from tests.servers import demo_app, serve_on_loopback
 from tests.strategies import json_values, schemas
-from trioserve.app import TrioserveApp
+from trioserve.server.app import TrioserveApp
 
 CHAT = "/v1/chat/completions"
 

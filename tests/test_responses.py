@@ -23,14 +23,14 @@ from openai.types.responses import Response, ResponseStreamEvent
 from tests.servers import Served
 from tests.threaded import served_in_thread
 from tests.toolmodel import tool_app
+from trioserve.api.responses.protocol import Response as OurResponse
+from trioserve.api.responses.protocol import dump_event
+from trioserve.api.responses.store import ResponseStore
+from trioserve.api.responses.stream import EventWriter
+from trioserve.api.toolcalls import FunctionCallDelta, ToolCallDelta
 from trioserve.config import load_settings
-from trioserve.response_store import ResponseStore
-from trioserve.responses_protocol import Response as OurResponse
-from trioserve.responses_protocol import dump_event
-from trioserve.responses_stream import EventWriter
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
-from trioserve.toolcalls import FunctionCallDelta, ToolCallDelta
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.socket
 

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import live_caches, make_runner
-from trioserve.runner import TransformersRunner
-from trioserve.scheduler import Scheduler
-from trioserve.tokenization import ChatTokenizer
+from trioserve.engine.scheduler import Scheduler
+from trioserve.model.runner import TransformersRunner
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams
 
 

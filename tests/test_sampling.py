@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioserve import noise, sampling
-from trioserve.sampling import SequenceSampler, sample_rows, scores
+from trioserve.model import noise, sampling
+from trioserve.model.sampling import SequenceSampler, sample_rows, scores
 from trioserve.types import SampledToken, SamplingParams
 
 VOCAB = 32

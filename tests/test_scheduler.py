@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trioserve.scheduler import Phase, Scheduler
+from trioserve.engine.scheduler import Phase, Scheduler
 from trioserve.types import GenerationRequest, SamplingParams
 
 

@@ -21,16 +21,16 @@ from hypothesis import strategies as st
 
 from bench.instant import InstantRunner
 from tests.fakes import FakeRunner, fake_token
-from trioserve.chat import ChatService
-from trioserve.completions import CompletionService
-from trioserve.engine import Engine
+from trioserve.api.chat import ChatService
+from trioserve.api.completions import CompletionService
+from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from trioserve.api.replies import ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob, Usage, dump
+from trioserve.api.serving import RequestTiming
+from trioserve.engine.engine import Engine
 from trioserve.errors import GenerationFailed, TrioserveError
-from trioserve.protocol import ChatCompletionRequest, CompletionRequest
-from trioserve.replies import ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob, Usage, dump
-from trioserve.serving import RequestTiming
-from trioserve.sse import ChunkEncoder
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.server.sse import ChunkEncoder
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, SamplingParams, StepOutput, StepPlan
 
 STEP = 0.005  # virtual seconds per step

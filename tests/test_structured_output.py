@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from tests.servers import Served, chat, legacy, with_sdk
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.socket
 

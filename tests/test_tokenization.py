@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
-from trioserve.tokenization import ChatTokenizer, StopMatcher, _plain_backend
+from trioserve.text.tokenization import ChatTokenizer, StopMatcher, _plain_backend
 
 
 def stream_text(tokenizer: ChatTokenizer, ids: list[int], context: list[int]) -> tuple[list[str], str]:

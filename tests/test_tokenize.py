@@ -12,7 +12,7 @@ import pytest
 
 from tests.servers import Served
 from tests.threaded import served_in_thread
-from trioserve.tinymodel import build_tokenizer
+from trioserve.model.tinymodel import build_tokenizer
 
 pytestmark = pytest.mark.socket
 

@@ -13,8 +13,8 @@ import pydantic
 import pytest
 
 from tests.servers import Served, chat, with_sdk
-from trioserve.tinymodel import build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.tinymodel import build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 pytestmark = pytest.mark.socket
 

@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerBase
 
-from trioserve import reasoning, toolparsers
-from trioserve.chatoutput import ChoiceReader, OutputPlan, message_of
+from trioserve.api.chatoutput import ChoiceReader, OutputPlan, message_of
 from trioserve.config import ConfigError, ReasoningParser, ToolCallParser, load_settings
 from trioserve.errors import InvalidRequest
-from trioserve.grammars import output_grammar
-from trioserve.reasoning import choose_thinking, prompt_opens
-from trioserve.tinymodel import CHATML_TEMPLATE
-from trioserve.toolparsers import (
+from trioserve.model.tinymodel import CHATML_TEMPLATE
+from trioserve.text import reasoning, toolparsers
+from trioserve.text.grammars import output_grammar
+from trioserve.text.reasoning import choose_thinking, prompt_opens
+from trioserve.text.toolparsers import (
     BARE_JSON,
     HERMES,
     LLAMA3_JSON,

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from tests.servers import Served, demo_app, serve_on_loopback
-from trioserve.app import TrioserveApp
+from trioserve.server.app import TrioserveApp
 
 
 @contextmanager

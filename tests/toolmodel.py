@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trioserve.app import TrioserveApp
 from trioserve.cli import build_app
 from trioserve.config import Settings
-from trioserve.runner import TransformersRunner
-from trioserve.tinymodel import CHATML_TEMPLATE, build_model, build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.runner import TransformersRunner
+from trioserve.model.tinymodel import CHATML_TEMPLATE, build_model, build_tokenizer
+from trioserve.server.app import TrioserveApp
+from trioserve.text.tokenization import ChatTokenizer
 
 MARKERS = ["<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]"]  # Qwen, Mistral
 _PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

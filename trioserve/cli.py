@@ -1,6 +1,6 @@
 """``trioserve`` / ``python -m trioserve``: settings -> engine -> app -> Hypercorn (HTTP/1.1 and HTTP/2).
 
-The only module that starts Hypercorn (`trioserve.hypercorn_fixes` patches its classes, installed on import
+The only module that starts Hypercorn (`trioserve.server.hypercorn_fixes` patches its classes, installed on import
 here). SIGINT and SIGTERM trigger Hypercorn's graceful shutdown: it stops accepting connections, closes idle
 ones at once, lets open ones finish within the graceful timeout (the app ends the streams still running just
 before it, each with an SSE error event), then the app's lifespan stops the engine, whose cancellation
@@ -19,12 +19,12 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from trioserve import hypercorn_fixes
-from trioserve.app import TrioserveApp, create_app
 from trioserve.config import ConfigError, Settings, load_settings
-from trioserve.engine import Engine
-from trioserve.loading import check_settings, load_runner
-from trioserve.metrics import Metrics
+from trioserve.engine.engine import Engine
+from trioserve.model.loading import check_settings, load_runner
+from trioserve.server import hypercorn_fixes
+from trioserve.server.app import TrioserveApp, create_app
+from trioserve.server.metrics import Metrics
 from trioserve.types import Runner
 
 logger = logging.getLogger("trioserve")

@@ -56,7 +56,7 @@ class Marker:
 
 @dataclass(frozen=True, slots=True)
 class CallSyntax:
-    """How a model family writes tool calls; the presets and the parser are in `trioserve.toolparsers`.
+    """How a model family writes tool calls; the presets and the parser are in `trioserve.text.toolparsers`.
 
     Each call is the JSON object ``{"name": ..., <arguments_key>: ...}``. ``open``/``close`` wrap each call
     (``each``: Hermes' ``<tool_call>``) or all of them once (Mistral's ``[TOOL_CALLS]``); ``padding`` goes

@@ -24,7 +24,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from trioserve.errors import InvalidRequest
-from trioserve.guided import JSON_DEFAULTS, JSON_VALUES, _is_panic, closed, json_grammar
+from trioserve.text.guided import JSON_DEFAULTS, JSON_VALUES, _is_panic, closed, json_grammar
 from trioserve.types import CallSyntax, Marker, OutputSchema, Thinking, ToolSpec
 
 # Whitespace allowed between a closed thinking block and the answer.

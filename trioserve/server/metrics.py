@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from trioserve.engine import Engine, RequestRecord
-from trioserve.serving import RequestTiming
+from trioserve.api.serving import RequestTiming
+from trioserve.engine.engine import Engine, RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ABORT_REASONS = ("disconnect", "deadline", "drain", "error")

@@ -11,11 +11,9 @@ from contextlib import AsyncExitStack, aclosing
 
 import trio
 
-from trioserve.engine import TokenStream
-from trioserve.errors import InvalidRequest, TrioserveError
-from trioserve.protocol import CompletionRequest
-from trioserve.replies import Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, completion_id, now
-from trioserve.serving import (
+from trioserve.api.protocol import CompletionRequest
+from trioserve.api.replies import Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, completion_id, now
+from trioserve.api.serving import (
     SYSTEM_FINGERPRINT,
     GenerationService,
     Prepared,
@@ -23,6 +21,8 @@ from trioserve.serving import (
     resolve_max_tokens,
     usage_of,
 )
+from trioserve.engine.engine import TokenStream
+from trioserve.errors import InvalidRequest, TrioserveError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 

@@ -35,24 +35,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy
 import torch
 
-from trioserve import noise
+from trioserve.model import noise
+from trioserve.model.logits import filter_candidates, int32, penalise, take
 from trioserve.types import SampledToken, SamplingParams
 
 if TYPE_CHECKING:  # the runner builds guides; sampling only calls them
-    from trioserve.guided import Guide
-
-
-def unpack_bitmask(bitmask: torch.Tensor, size: int) -> torch.Tensor:
-    """Booleans ``[rows, size]`` from llguidance's int32 bitmask ``[rows, words]`` (token *i* at bit
-    ``i % 32`` of word ``i // 32``); entries past the mask's end are False."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
-    if bits.shape[1] < size:
-        return torch.nn.functional.pad(bits, (0, size - bits.shape[1]))
-    return bits[:, :size]
+    from trioserve.text.guided import Guide
 
 
 class SequenceSampler:
@@ -118,19 +108,6 @@ class _Upload:
         )
 
 
-def _take(tensor: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``index`` of ``tensor`` (a copy), or ``tensor`` itself when ``index`` is None (all rows)."""
-    return tensor if index is None else tensor.index_select(0, index)
-
-
-def _put(tensor: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor) -> None:
-    """Writes back what `_take` gave."""
-    if index is not None:
-        tensor.index_copy_(0, index, rows)
-    elif rows is not tensor:
-        tensor.copy_(rows)
-
-
 @dataclass(frozen=True, slots=True)
 class _Cut:
     """Sampled rows whose top-k/top-p threshold comes from one ``width``-wide ranking of their scores."""
@@ -141,7 +118,7 @@ class _Cut:
     top_p: bool
 
 
-class _Plan:
+class Plan:
     """One call's work, sorted on the host: which rows need which step, and their parameters, uploaded.
 
     Row lists index the batch, except the cuts' which index the sampled rows. An index tensor is None
@@ -237,7 +214,7 @@ class _Plan:
         only while something else stays allowed."""
         words = (self.vocab + 31) // 32
         bitmask = torch.zeros((len(self.guided), words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        eos = [(e // 32, _int32(~(1 << (e % 32)))) for e in sorted(eos_token_ids) if e < self.vocab]
+        eos = [(e // 32, int32(~(1 << (e % 32)))) for e in sorted(eos_token_ids) if e < self.vocab]
         for row, i in enumerate(self.guided):
             sampler = self.samplers[i]
             assert sampler.guide is not None
@@ -251,80 +228,6 @@ class _Plan:
         return bitmask
 
 
-def _int32(pattern: int) -> int:
-    """A 32-bit pattern as the int32 that holds it."""
-    pattern &= 0xFFFFFFFF
-    return pattern - (1 << 32) if pattern >= 1 << 31 else pattern
-
-
-def _penalised(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Steps 1-4 on a float32 copy of the logits: penalties, bias, min_tokens and the grammar's mask. With
-    none to apply, the logits as they are (float32): later steps only read what this returns."""
-    if not plan.penalises:
-        return logits[:, : plan.vocab].float()
-    scores = logits[:, : plan.vocab].to(torch.float32, copy=True)
-    samplers = plan.samplers
-    if plan.repeat:
-        plan.seen = torch.stack([s for i in plan.repeat if (s := samplers[i].seen) is not None])
-        index, penalty = plan.index.get("repeat"), plan.float["repetition"].unsqueeze(1)
-        rows = _take(scores, index)
-        _put(scores, index, torch.where(plan.seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows))
-    if plan.count:
-        plan.counts = torch.stack([c for i in plan.count if (c := samplers[i].counts) is not None])
-        index = plan.index.get("count")
-        rows = _take(scores, index)
-        rows = rows - plan.float["frequency"].unsqueeze(1) * plan.counts
-        rows = rows - plan.float["presence"].unsqueeze(1) * (plan.counts > 0).to(rows.dtype)
-        _put(scores, index, rows)
-    if plan.has_bias:
-        where = (plan.int["bias_rows"], plan.int["bias_ids"])  # distinct pairs: no accumulating put needed
-        scores.index_put_(where, scores[where] + plan.float["bias"])
-    if plan.has_no_eos:
-        minus_inf = torch.full((), float("-inf"), device=plan.device)
-        scores.index_put_((plan.int["no_eos_rows"], plan.int["no_eos_ids"]), minus_inf)
-    if plan.bitmask is not None:
-        index = plan.index.get("guided")
-        allowed = unpack_bitmask(plan.bitmask.to(plan.device, non_blocking=True), plan.vocab)
-        _put(scores, index, _take(scores, index).masked_fill_(~allowed, float("-inf")))
-    return scores
-
-
-def _filtered(scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Step 5 for the sampled rows: their scores, -inf outside the candidates that top-k, then top-p, then
-    min-p leave (ties with the last candidate stay). Not yet divided by the temperature: `noise.draw` does
-    that, block by block; here only top-p's softmax and min-p's floor need it."""
-    rows = _take(scores, plan.index.get("sampled"))  # maybe the caller's logits: replaced, never written
-    for cut in plan.cuts:
-        index = plan.index.get(cut.name)
-        part = _take(rows, index)
-        if cut.width < plan.vocab:  # ranked: top-k, then top-p among the k best
-            best = part.topk(cut.width, dim=1).values
-            kth = best.gather(1, plan.int["top_k"].unsqueeze(1) - 1)
-            part = part.masked_fill(part < kth, float("-inf"))
-            best = best.masked_fill(best < kth, float("-inf"))
-        else:
-            best = _sorted_descending(part)
-        if cut.top_p:  # keep a token while the tokens before it hold less than top_p of the mass
-            probs = (best / plan.float[f"{cut.name}_temperature"].unsqueeze(1)).softmax(dim=1)
-            top_p = plan.float[f"{cut.name}_top_p"].unsqueeze(1)
-            keep = (probs.cumsum(dim=1) - probs < top_p) & (best > float("-inf"))
-            last = best.gather(1, (keep.sum(dim=1, keepdim=True) - 1).clamp(min=0))
-            part = part.masked_fill(part < last, float("-inf"))
-        rows = part if index is None else rows.index_copy(0, index, part)
-    if plan.min_p:  # p < min_p * p_max  <=>  s / T < max / T + log(min_p); min_p = 0: -inf, a no-op
-        floor = rows.amax(dim=1, keepdim=True) + (plan.float["temperature"] * plan.float["min_p"].log()).unsqueeze(1)
-        rows = rows.masked_fill(rows < floor, float("-inf"))
-    return rows
-
-
-def _sorted_descending(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's values, largest first. On the CPU numpy's SIMD sort does it (1 ms for 11 x 32k values
-    here, against 60 ms for ``torch.sort``, which also computes the indices)."""
-    if rows.device.type == "cpu":
-        return torch.from_numpy(-numpy.sort(-rows.numpy(), axis=1))
-    return rows.sort(dim=1, descending=True).values
-
-
 def scores(
     logits: torch.Tensor, samplers: Sequence[SequenceSampler], eos_token_ids: frozenset[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,9 +238,9 @@ def scores(
         sampled rows' filtered scores ([sampled rows, vocab], in batch order; -inf outside each row's
         candidates), not yet divided by the temperature.
     """
-    plan = _Plan(logits, samplers, eos_token_ids)
-    penalised = _penalised(logits, plan)
-    return penalised, _filtered(penalised, plan) if plan.sampled else penalised[:0]
+    plan = Plan(logits, samplers, eos_token_ids)
+    penalised = penalise(logits, plan)
+    return penalised, filter_candidates(penalised, plan) if plan.sampled else penalised[:0]
 
 
 def sample_rows(
@@ -355,13 +258,13 @@ def sample_rows(
         for sampler in samplers:
             sampler.generated += 1
         return [SampledToken(int(token)) for token in ids]
-    plan = _Plan(logits, samplers, eos_token_ids)
+    plan = Plan(logits, samplers, eos_token_ids)
     tokens = _choose(logits, plan)
     parts = [tokens.to(torch.float64)]  # token ids are exact in float64; so are float32 logprobs
     if plan.asked:
         index = plan.index.get("asked")
-        logprobs = _take(logits[:, : plan.vocab], index).float().log_softmax(dim=1)
-        parts.append(logprobs.gather(1, _take(tokens, index).unsqueeze(1)).flatten().double())
+        logprobs = take(logits[:, : plan.vocab], index).float().log_softmax(dim=1)
+        parts.append(logprobs.gather(1, take(tokens, index).unsqueeze(1)).flatten().double())
         if plan.top_logprobs:
             top = logprobs.topk(plan.top_logprobs, dim=1)
             parts += [top.values.flatten().double(), top.indices.flatten().double()]
@@ -369,27 +272,27 @@ def sample_rows(
     return _record_on_host(plan, values)
 
 
-def _choose(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _choose(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Steps 1-5: every row's token, on the device; the penalty state records it there."""
     if plan.greedy_only:  # nothing to apply, no noise: one argmax
         return logits[:, : plan.vocab].argmax(dim=1)
-    penalised = _penalised(logits, plan)
+    penalised = penalise(logits, plan)
     if not plan.sampled:
         tokens = penalised.argmax(dim=1)
     else:
-        drawn = noise.draw(_filtered(penalised, plan), plan.float["temperature"], plan.int["keys"])
+        drawn = noise.draw(filter_candidates(penalised, plan), plan.float["temperature"], plan.int["keys"])
         sampled = plan.index.get("sampled")
         tokens = drawn if sampled is None else penalised.argmax(dim=1).index_copy_(0, sampled, drawn)
     _record_on_device(plan, tokens)
     return tokens
 
 
-def _record_on_device(plan: _Plan, tokens: torch.Tensor) -> None:
+def _record_on_device(plan: Plan, tokens: torch.Tensor) -> None:
     """Adds the sampled tokens to the stacked penalty state; each sampler keeps its row of the stack."""
     for stack, rows, name in ((plan.seen, plan.repeat, "repeat"), (plan.counts, plan.count, "count")):
         if stack is None:
             continue
-        where = (torch.arange(len(rows), device=plan.device), _take(tokens, plan.index.get(name)))
+        where = (torch.arange(len(rows), device=plan.device), take(tokens, plan.index.get(name)))
         # One token per row: distinct pairs, so a plain put (no accumulating one) does it.
         seen = torch.ones((), dtype=torch.bool, device=plan.device)
         stack.index_put_(where, stack[where] + 1 if stack is plan.counts else seen)
@@ -400,7 +303,7 @@ def _record_on_device(plan: _Plan, tokens: torch.Tensor) -> None:
                 plan.samplers[i].counts = row
 
 
-def _record_on_host(plan: _Plan, values: list[float]) -> list[SampledToken]:
+def _record_on_host(plan: Plan, values: list[float]) -> list[SampledToken]:
     """The results from the copied values; each sampler counts its token and advances its guide."""
     results = [SampledToken(int(token)) for token in values[: plan.rows]]
     chosen, k = plan.rows, plan.top_logprobs

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trioserve.engine import Engine
+from trioserve.api.protocol import ChatMessage
+from trioserve.api.toolcalls import Tool
+from trioserve.engine.engine import Engine
 from trioserve.errors import InvalidRequest, ModelNotFound
-from trioserve.protocol import ChatMessage
-from trioserve.toolcalls import Tool
 from trioserve.types import Runner
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from trioserve.engine import Engine, TokenStream
+from trioserve.api.protocol import _SamplingFields
+from trioserve.api.replies import ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, now
+from trioserve.engine.engine import Engine, TokenStream
 from trioserve.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
@@ -23,9 +25,7 @@ from trioserve.errors import (
     TrioserveError,
     Unavailable,
 )
-from trioserve.protocol import _SamplingFields
-from trioserve.replies import ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, now
-from trioserve.tokenization import StopMatcher
+from trioserve.text.tokenization import StopMatcher
 from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from trioserve.architectures import needs_whole_prefill
-from trioserve.arena import KVArena, arena_layers
-from trioserve.attention import use_arena_attention, use_plain_attention
-from trioserve.decode import DecodeStep
 from trioserve.errors import InvalidRequest, OutOfMemory
-from trioserve.grammars import output_grammar
-from trioserve.guided import GuideFactory
-from trioserve.sampling import SequenceSampler, sample_rows
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.architectures import needs_whole_prefill
+from trioserve.model.arena import KVArena, arena_layers
+from trioserve.model.attention import use_arena_attention, use_plain_attention
+from trioserve.model.decode import DecodeStep
+from trioserve.model.sampling import SequenceSampler, sample_rows
+from trioserve.text.grammars import output_grammar
+from trioserve.text.guided import GuideFactory
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)

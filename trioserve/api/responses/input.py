@@ -5,7 +5,7 @@ Input items become chat messages (``function_call`` items an assistant turn's ``
 becomes ``response_format`` and ``instructions`` a leading system message. Everything the chat path refuses
 is refused here too, with the parameter named as the Responses API names it (``text.format.schema``, not
 ``response_format.json_schema.schema``). Conversations are kept as chat message dicts: that is what a
-stored response's history holds (see `trioserve.response_store`).
+stored response's history holds (see `trioserve.api.responses.store`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from trioserve.api.protocol import ChatCompletionRequest
+from trioserve.api.responses.protocol import OutputItem, ResponsesRequest
 from trioserve.errors import InvalidRequest
-from trioserve.protocol import ChatCompletionRequest
-from trioserve.responses_protocol import OutputItem, ResponsesRequest
 
 ChatMessageDict = dict[str, Any]
 

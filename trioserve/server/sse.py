@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trioserve.replies import ChatCompletionChunk, dump
+from trioserve.api.replies import ChatCompletionChunk, dump
 
 _MARK = "\x00trioserve-text\x00"  # cannot occur in a chunk's own fields: it is replaced before use
 

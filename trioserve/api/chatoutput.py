@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trioserve.reasoning import Answer, Reasoning, ReasoningSplitter
-from trioserve.replies import AssistantMessage, Delta
-from trioserve.toolcalls import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
-from trioserve.toolparsers import CallArguments, CallFinished, CallParser, CallStarted, Content
+from trioserve.api.replies import AssistantMessage, Delta
+from trioserve.api.toolcalls import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
+from trioserve.text.reasoning import Answer, Reasoning, ReasoningSplitter
+from trioserve.text.toolparsers import CallArguments, CallFinished, CallParser, CallStarted, Content
 from trioserve.types import CallSyntax, FinishReason, Thinking
 
 Event = Reasoning | Content | CallStarted | CallArguments | CallFinished

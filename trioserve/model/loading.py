@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from trioserve.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
 from trioserve.config import ConfigError, Settings
-from trioserve.runner import TransformersRunner
-from trioserve.tinymodel import DEMO_MODEL_ID, build_model, build_tokenizer
-from trioserve.tokenization import ChatTokenizer
+from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
+from trioserve.model.runner import TransformersRunner
+from trioserve.model.tinymodel import DEMO_MODEL_ID, build_model, build_tokenizer
+from trioserve.text.tokenization import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 

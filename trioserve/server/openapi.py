@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from trioserve.protocol import ChatCompletionRequest, CompletionRequest
-from trioserve.replies import ChatCompletion, ChatCompletionChunk, Completion, ModelList
-from trioserve.responses_protocol import Response, ResponsesRequest
-from trioserve.tokens import (
+from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from trioserve.api.replies import ChatCompletion, ChatCompletionChunk, Completion, ModelList
+from trioserve.api.responses.protocol import Response, ResponsesRequest
+from trioserve.api.tokens import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeChatRequest,

@@ -14,14 +14,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from trioserve.chat import ChatService
-from trioserve.engine import TokenStream
-from trioserve.errors import InvalidRequest, TrioserveError
-from trioserve.protocol import ChatCompletionRequest
-from trioserve.replies import AssistantMessage, Usage, now
-from trioserve.response_store import ResponseStore
-from trioserve.responses_input import ChatMessageDict, chat_request, input_messages, output_messages, renamed
-from trioserve.responses_protocol import (
+from trioserve.api.chat import ChatService
+from trioserve.api.protocol import ChatCompletionRequest
+from trioserve.api.replies import AssistantMessage, Usage, now
+from trioserve.api.responses.input import ChatMessageDict, chat_request, input_messages, output_messages, renamed
+from trioserve.api.responses.protocol import (
     FunctionCall,
     IncompleteDetails,
     InputTokensDetails,
@@ -38,9 +35,12 @@ from trioserve.responses_protocol import (
     item_id,
     response_id,
 )
-from trioserve.responses_stream import EventWriter
-from trioserve.serving import Prepared
-from trioserve.toolcalls import ToolCall
+from trioserve.api.responses.store import ResponseStore
+from trioserve.api.responses.stream import EventWriter
+from trioserve.api.serving import Prepared
+from trioserve.api.toolcalls import ToolCall
+from trioserve.engine.engine import TokenStream
+from trioserve.errors import InvalidRequest, TrioserveError
 
 
 class ResponseNotFound(TrioserveError):

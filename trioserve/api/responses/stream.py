@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trioserve.errors import TrioserveError
-from trioserve.responses_protocol import (
+from trioserve.api.responses.protocol import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
     ContentPartEvent,
@@ -33,7 +32,8 @@ from trioserve.responses_protocol import (
     TextDoneEvent,
     item_id,
 )
-from trioserve.toolcalls import ToolCallDelta
+from trioserve.api.toolcalls import ToolCallDelta
+from trioserve.errors import TrioserveError
 
 
 @dataclass

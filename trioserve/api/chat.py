@@ -17,12 +17,9 @@ from dataclasses import dataclass
 
 import trio
 
-from trioserve.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
-from trioserve.engine import Engine, TokenStream
-from trioserve.errors import TrioserveError
-from trioserve.protocol import ChatCompletionRequest
-from trioserve.reasoning import choose_thinking, prompt_opens
-from trioserve.replies import (
+from trioserve.api.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
+from trioserve.api.protocol import ChatCompletionRequest
+from trioserve.api.replies import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -33,7 +30,7 @@ from trioserve.replies import (
     chat_completion_id,
     now,
 )
-from trioserve.serving import (
+from trioserve.api.serving import (
     SYSTEM_FINGERPRINT,
     GenerationService,
     Prepared,
@@ -41,8 +38,11 @@ from trioserve.serving import (
     resolve_max_tokens,
     usage_of,
 )
-from trioserve.toolcalls import tool_specs
-from trioserve.toolparsers import BARE_JSON, choose_syntax
+from trioserve.api.toolcalls import tool_specs
+from trioserve.engine.engine import Engine, TokenStream
+from trioserve.errors import TrioserveError
+from trioserve.text.reasoning import choose_thinking, prompt_opens
+from trioserve.text.toolparsers import BARE_JSON, choose_syntax
 from trioserve.types import CallSyntax, OutputSchema, Runner, Thinking, Tokenizer
 
 logger = logging.getLogger(__name__)

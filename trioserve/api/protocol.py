@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trioserve.api.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
 from trioserve.errors import InvalidRequest
-from trioserve.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
 from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4

@@ -49,7 +49,7 @@ class Scheduler:
         batch_size: sequences per decode pass; 1 decodes the running sequences in turn.
         prefill_chunk: prompt tokens per prefill step (padded tokens, when several prompts go together).
         prefill_whole: every prompt goes through in one step, whatever its length, for models whose
-            mixers cannot continue a prompt from cached state (`trioserve.architectures.needs_whole_prefill`).
+            mixers cannot continue a prompt from cached state (`trioserve.model.architectures.needs_whole_prefill`).
     """
 
     def __init__(

@@ -24,9 +24,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from trioserve.engine.scheduler import Entry, Phase, QueueFull, Scheduler
+from trioserve.engine.streams import Outbox, RequestRecord, SequenceState, TokenStream
 from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
-from trioserve.scheduler import Entry, Phase, QueueFull, Scheduler
-from trioserve.streams import Outbox, RequestRecord, SequenceState, TokenStream
 from trioserve.types import FinishReason, GenerationRequest, Runner, SampledToken, StepOutput, StepPlan, TokenEvent
 
 __all__ = ["Engine", "Offload", "RequestRecord", "TokenStream", "run_in_thread"]

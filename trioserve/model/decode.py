@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from trioserve.arena import ArenaCache, KVArena
-from trioserve.attention import MASKS_KWARG, DecodeMasks
+from trioserve.model.arena import ArenaCache, KVArena
+from trioserve.model.attention import MASKS_KWARG, DecodeMasks
 
 logger = logging.getLogger(__name__)
 

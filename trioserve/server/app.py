@@ -1,7 +1,7 @@
 """The HTTP surface: a Quart-Trio app with OpenAI's routes, auth, CORS, metrics and graceful drain.
 
 The app's lifespan owns the engine's step loop (started with ``nursery.start``, stopped by cancelling its
-scope after Hypercorn's graceful shutdown). Per-request plumbing lives in `trioserve.httpio`.
+scope after Hypercorn's graceful shutdown). Per-request plumbing lives in `trioserve.server.httpio`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioserve.chat import ChatService
-from trioserve.completions import CompletionService
+from trioserve.api.chat import ChatService
+from trioserve.api.completions import CompletionService
+from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from trioserve.api.responses.protocol import ResponsesRequest, dump_event
+from trioserve.api.responses.service import ResponseNotFound, ResponsesService
+from trioserve.api.responses.store import ResponseStore
+from trioserve.api.tokens import DetokenizeRequest, TokenService, tokenize_request
 from trioserve.config import Settings
-from trioserve.engine import Engine
+from trioserve.engine.engine import Engine
 from trioserve.errors import InvalidRequest, PayloadTooLarge, TrioserveError, Unavailable
-from trioserve.httpio import (
+from trioserve.server.httpio import (
     CORS_ALLOW_HEADERS,
     SSE_HEADERS,
     RequestState,
@@ -36,14 +41,9 @@ from trioserve.httpio import (
     read_json,
     validation_error,
 )
-from trioserve.metrics import CONTENT_TYPE, Metrics
-from trioserve.openapi import openapi_document
-from trioserve.protocol import ChatCompletionRequest, CompletionRequest
-from trioserve.response_store import ResponseStore
-from trioserve.responses import ResponseNotFound, ResponsesService
-from trioserve.responses_protocol import ResponsesRequest, dump_event
-from trioserve.sse import ChunkEncoder, sse_event
-from trioserve.tokens import DetokenizeRequest, TokenService, tokenize_request
+from trioserve.server.metrics import CONTENT_TYPE, Metrics
+from trioserve.server.openapi import openapi_document
+from trioserve.server.sse import ChunkEncoder, sse_event
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     @app.post("/v1/responses")
     @app.post("/responses")
     async def create_response() -> Response:
-        """The Responses API on the chat path (`trioserve.responses`): same admission, deadlines, cancellation."""
+        """The Responses API on the chat path (`api.responses.service`): same admission, deadlines, cancellation."""
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")

@@ -24,11 +24,11 @@ from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from trioserve.engine import TokenStream
+from trioserve.api.replies import dump
+from trioserve.api.serving import RequestTiming
+from trioserve.engine.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
-from trioserve.replies import dump
-from trioserve.serving import RequestTiming
-from trioserve.sse import sse_event as sse_event  # SSE framing lives in trioserve.sse; re-exported
+from trioserve.server.sse import sse_event as sse_event  # SSE framing lives in trioserve.server.sse; re-exported
 
 logger = logging.getLogger("trioserve")
 access_logger = logging.getLogger("trioserve.access")

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
-from trioserve.toolcalls import ToolCall, ToolCallDelta
+from trioserve.api.toolcalls import ToolCall, ToolCallDelta
 
 
 def chat_completion_id() -> str:

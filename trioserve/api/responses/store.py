@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trioserve.responses_protocol import Response
+from trioserve.api.responses.protocol import Response
 
 
 @dataclass(frozen=True, slots=True)
