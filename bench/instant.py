@@ -59,6 +59,9 @@ class InstantRunner:
     def kv_tokens(self) -> int:
         return sum(self.positions.values())
 
+    def prefix_cache_stats(self) -> None:
+        return None  # it holds no KV to reuse
+
     def release(self, seq_id: int) -> None:
         self.positions.pop(seq_id, None)
         self.generated.pop(seq_id, None)

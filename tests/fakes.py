@@ -64,6 +64,9 @@ class FakeRunner:
     def kv_tokens(self) -> int:
         return sum(self.positions.values())
 
+    def prefix_cache_stats(self) -> None:
+        return None  # it keeps no cache
+
     def cache_ref(self, seq_id: int) -> weakref.ref[DynamicCache]:
         return weakref.ref(self.caches[seq_id])
 

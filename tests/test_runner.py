@@ -47,7 +47,7 @@ def drive(runner: TransformersRunner, arrivals: list[Arrival], *, chunk: int = 8
         output = runner.step(plan)
         drive.widest_prefill = max(drive.widest_prefill, len(plan.prefill))  # type: ignore[attr-defined]
         for prefill in plan.prefill:
-            scheduler.prefilled(prefill)
+            scheduler.prefilled(prefill, output.prefilled.get(prefill.seq_id))
         for seq_id, token in output.tokens.items():
             arrival = by_seq[seq_id]
             tokens = outputs[arrival.request.request_id]

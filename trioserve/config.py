@@ -59,6 +59,12 @@ class Settings(BaseModel):
         None, ge=16, description="prompt + output tokens per request; sizes the KV arena (default: model's, <= 4096)"
     )
     cuda_graphs: bool = Field(True, description="replay the decode step as CUDA graphs captured at startup (CUDA)")
+    prefix_caching: bool = Field(
+        True, description="keep finished requests' KV as evictable cache; prefill only what a prompt does not share"
+    )
+    prefix_cache_slots: int = Field(
+        0, ge=0, description="arena slots beyond --max-concurrent that only hold prefix-cache entries"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(7088, ge=0, le=65535, description="port to listen on")
     certfile: str | None = Field(None, description="TLS certificate (enables HTTPS with HTTP/2 via ALPN)")
@@ -113,6 +119,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "prefill_chunk": ("PREFILL_CHUNK",),
     "max_model_len": ("MAX_MODEL_LEN",),
     "cuda_graphs": ("CUDA_GRAPHS",),
+    "prefix_caching": ("PREFIX_CACHING",),
+    "prefix_cache_slots": ("PREFIX_CACHE_SLOTS",),
     "host": ("HOST",),
     "port": ("PORT",),
     "certfile": ("SSL_CERTFILE",),

@@ -125,6 +125,8 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams = SamplingParams()
+    # Who may share this prompt's cached KV: requests of one tenant (API key) and one `cache_salt` only.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +150,10 @@ class TokenEvent:
 class PrefillChunk:
     """Part of a prompt to run through the model: ``prompt_ids[start:end]`` of ``request``.
 
-    The runner creates the sequence's state at ``start == 0`` and samples its first token when
-    ``end == len(prompt_ids)``.
+    The runner creates the sequence's state at ``start == 0`` and samples its first token once it holds
+    the whole prompt. With a prefix-cache hit, the first chunk begins where the hit ends and covers as many
+    new tokens as ``end - start`` (so it may reach the prompt's end early); `StepOutput.prefilled` says how
+    far it got.
     """
 
     seq_id: int
@@ -183,9 +187,27 @@ class StepPlan:
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
-    """Tokens produced by a step, by sequence id (prefills that have not reached their end produce none)."""
+    """Tokens produced by a step, by sequence id (prefills that have not reached their end produce none).
+
+    ``prefilled``: for the step's prefill chunks, the prompt tokens the sequence now holds, where that is
+    not the chunk's end (a prefix-cache hit let the runner start past ``start``). ``cached``: for sequences
+    whose first chunk ran, how many prompt tokens came from the prefix cache.
+    """
 
     tokens: Mapping[int, SampledToken]
+    prefilled: Mapping[int, int] = field(default_factory=dict)
+    cached: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheStats:
+    """The prefix cache's counters (since load) and what it retains now, for the metrics."""
+
+    queried_tokens: int
+    hit_tokens: int
+    evictions: int
+    retained_entries: int
+    retained_tokens: int
 
 
 class Runner(Protocol):
@@ -246,6 +268,10 @@ class Runner(Protocol):
 
     def kv_tokens(self) -> int:
         """Token positions held in KV caches, padding included (what the memory holds)."""
+        ...
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's statistics; None when the runner keeps none."""
         ...
 
 

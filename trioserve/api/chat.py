@@ -35,6 +35,7 @@ from trioserve.api.serving import (
     GenerationService,
     Prepared,
     RequestTiming,
+    cache_scope,
     resolve_max_tokens,
     usage_of,
 )
@@ -95,7 +96,12 @@ class ChatService(GenerationService):
         return self._formats[1], self._formats[2]
 
     async def prepare(
-        self, body: ChatCompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
+        self,
+        body: ChatCompletionRequest,
+        *,
+        request_id: str | None = None,
+        time_limit: float = 600.0,
+        tenant: str = "",
     ) -> ChatPrepared:
         """Validates against the model and builds the engine request.
 
@@ -103,6 +109,7 @@ class ChatService(GenerationService):
             body: the parsed request.
             request_id: the id to use (the client's X-Request-Id), else a new ``chatcmpl-`` id.
             time_limit: seconds from now the whole request may take (its deadline).
+            tenant: who sent it (a digest of its API key): only its own requests share its prefix cache.
 
         Raises:
             InvalidRequest: the prompt or a parameter does not fit the model.
@@ -152,7 +159,7 @@ class ChatService(GenerationService):
         completion_id = request_id or chat_completion_id()
         return ChatPrepared(
             body=body,
-            generations=self._choices(completion_id, [prompt_ids], [params], body.n),
+            generations=self._choices(completion_id, [prompt_ids], [params], body.n, cache_scope(tenant, body)),
             completion_id=completion_id,
             created=now(),
             model=runner.model_id,

@@ -18,6 +18,7 @@ from trioserve.api.serving import (
     GenerationService,
     Prepared,
     RequestTiming,
+    cache_scope,
     resolve_max_tokens,
     usage_of,
 )
@@ -48,7 +49,12 @@ class CompletionService(GenerationService):
     """Legacy completions on top of an engine."""
 
     async def prepare(
-        self, body: CompletionRequest, *, request_id: str | None = None, time_limit: float = 600.0
+        self,
+        body: CompletionRequest,
+        *,
+        request_id: str | None = None,
+        time_limit: float = 600.0,
+        tenant: str = "",
     ) -> Prepared:
         """Tokenizes every prompt, checks the context, builds one generation per prompt and choice.
 
@@ -81,7 +87,7 @@ class CompletionService(GenerationService):
         identifier = request_id or completion_id()
         return Prepared(
             body=body,
-            generations=self._choices(identifier, prompts, params, body.n),
+            generations=self._choices(identifier, prompts, params, body.n, cache_scope(tenant, body)),
             completion_id=identifier,
             created=now(),
             model=runner.model_id,

@@ -141,6 +141,8 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     truncate: Annotated[int, Field(ge=1)] | None = None  # keep only the last N prompt tokens (old server)
     request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; capped by the server's
+    # vLLM's name: requests with different salts never share prefix-cache entries (a timing side channel).
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from trioserve.api.protocol import _SamplingFields
-from trioserve.api.replies import ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, now
+from trioserve.api.replies import ModelCard, ModelList, PromptTokensDetails, TokenLogprob, TopLogprob, Usage, now
 from trioserve.engine.engine import Engine, TokenStream
 from trioserve.errors import (
     ContextLengthExceeded,
@@ -105,6 +105,7 @@ class RequestTiming:
     arrived: float
     deadline: float
     prompt_tokens: int | None = None
+    cached_tokens: int = 0  # of those, the ones whose KV came from the prefix cache
     first_token: float | None = None
     last_token: float | None = None
     gaps: list[float] = field(default_factory=list)  # between consecutive tokens
@@ -213,7 +214,11 @@ class GenerationService:
 
     @staticmethod
     def _choices(
-        completion_id: str, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], n: int
+        completion_id: str,
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        n: int,
+        scope: str = "",
     ) -> tuple[GenerationRequest, ...]:
         """Choice ``p * n + i`` is the ``i``-th sample for prompt ``p``, each its own sequence. With a seed,
         sample ``i`` uses ``seed + i``: the choices differ and stay reproducible."""
@@ -223,7 +228,8 @@ class GenerationService:
                 index = p * n + i
                 seed = base.seed + i if base.seed is not None else None
                 request_id = completion_id if index == 0 else f"{completion_id}-{index}"
-                generations.append(GenerationRequest(request_id, tuple(prompt), dataclasses.replace(base, seed=seed)))
+                sampling = dataclasses.replace(base, seed=seed)
+                generations.append(GenerationRequest(request_id, tuple(prompt), sampling, cache_scope=scope))
         return tuple(generations)
 
     async def _next(self, prepared: Prepared, stream: TokenStream) -> list[TokenEvent]:
@@ -286,11 +292,16 @@ class GenerationService:
         assemblers = [self._assembler(prepared, index) for index in range(len(streams))]
         active = list(range(len(streams)))
         timing = prepared.timing
+        counted: set[int] = set()
         while active:
             for index in list(active):
                 events = await self._next(prepared, streams[index])
                 if not events:
                     raise Unavailable("the request was cancelled by the server")
+                if index % prepared.body.n == 0 and index not in counted:
+                    # A prompt's first choice: what its prefill took from the cache (the prompt counts once).
+                    counted.add(index)
+                    timing.cached_tokens += streams[index].cached_tokens
                 piece = assemblers[index].feed_all(events, self._is_eos)
                 timing.tokens(trio.current_time(), piece.tokens)
                 if piece.finish_reason is not None:
@@ -314,11 +325,21 @@ class GenerationService:
         return collected
 
 
+def cache_scope(tenant: str, body: _SamplingFields) -> str:
+    """Who may share a request's prefix-cache entries: one tenant (API key) and one ``cache_salt``."""
+    return f"{tenant}\x00{body.cache_salt or ''}"
+
+
 def usage_of(prepared: Prepared) -> Usage:
     """Each prompt's tokens once (its choices share it), and the completion tokens of every choice."""
     prompt = prepared.timing.prompt_tokens or 0
     completion = prepared.timing.completion_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=prepared.timing.cached_tokens),
+    )
 
 
 def resolve_max_tokens(runner: Runner, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:

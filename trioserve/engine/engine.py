@@ -263,6 +263,7 @@ class Engine:
             request_id=sequence.request.request_id,
             forward_passes=sequence.forward_passes,
             prompt_tokens=len(sequence.request.prompt_ids),
+            cached_tokens=sequence.cached_tokens,
             generated=sequence.generated,
             outcome=sequence.outcome,
             submitted=sequence.submitted,
@@ -369,7 +370,10 @@ class Engine:
     def _deliver(self, plan: StepPlan, output: StepOutput, runner: Runner) -> None:
         assert self._scheduler is not None
         for chunk in plan.prefill:
-            self._scheduler.prefilled(chunk)
+            self._scheduler.prefilled(chunk, output.prefilled.get(chunk.seq_id))
+        for seq_id, cached in output.cached.items():
+            if (sequence := self._sequences.get(seq_id)) is not None:
+                sequence.cached_tokens = cached
         for seq_id, token in output.tokens.items():
             sequence = self._sequences.get(seq_id)
             if sequence is None:

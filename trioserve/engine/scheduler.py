@@ -133,11 +133,13 @@ class Scheduler:
             width = wider
         return tuple(PrefillChunk(e.seq_id, e.request, 0, len(e.request.prompt_ids)) for e in group)
 
-    def prefilled(self, chunk: PrefillChunk) -> None:
-        """Records that ``chunk`` ran; after the last chunk the sequence decodes from the next step on."""
+    def prefilled(self, chunk: PrefillChunk, held: int | None = None) -> None:
+        """Records that ``chunk`` ran and the sequence now holds ``held`` prompt tokens (the chunk's end unless
+        the runner said otherwise: a prefix-cache hit); with the whole prompt held, it decodes from the next
+        step on."""
         entry = self._running.get(chunk.seq_id)
         if entry is None:
             return
-        entry.prefilled = chunk.end
-        if chunk.is_last:
+        entry.prefilled = chunk.end if held is None else held
+        if entry.prefilled >= len(chunk.request.prompt_ids):
             entry.phase = Phase.DECODING

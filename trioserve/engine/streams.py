@@ -42,6 +42,7 @@ class RequestRecord:
     started: float | None
     left: float  # when it left the engine (finished, failed, or closed)
     released: float  # when the runner dropped its KV (== left unless a step was in flight)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def queue_seconds(self) -> float:
@@ -66,6 +67,7 @@ class SequenceState:
     generated: int = 0
     taken: int = 0  # token events its stream has taken (fewer than generated: the stream is behind)
     forward_passes: int = 0
+    cached_tokens: int = 0  # prompt tokens the runner took from the prefix cache (known after its first chunk)
     outcome: str | None = None  # set once the sequence has left the engine
     release_pending: bool = False  # left during a step; the runner forgets it when that step returns
 
@@ -143,6 +145,11 @@ class TokenStream:
     @property
     def finished(self) -> bool:
         return self._sequence.outcome is not None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (set before the sequence's first token arrives)."""
+        return self._sequence.cached_tokens
 
     def close(self) -> bool:
         """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then

@@ -10,7 +10,7 @@ value per row in place (`ArenaCache.update`) and attends over the first ``length
 
 from __future__ import annotations
 
-import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,25 +52,36 @@ class KVArena:
 
     Args:
         layers: one shape per attention layer, in layer order.
-        slots: requests that can hold KV at once.
+        slots: requests that can hold KV at once (the live region, which decode passes cover).
         max_len: tokens a slot holds (prompt plus output).
         dtype, device: the model's.
+        cache_slots: more slots after the live region that only hold prefix-cache entries (no request owns
+            one; `trioserve.model.prefixcache`).
     """
 
     def __init__(
-        self, layers: list[LayerShape], *, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+        self,
+        layers: list[LayerShape],
+        *,
+        slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        cache_slots: int = 0,
     ) -> None:
         self.layers = layers
         self.slots = slots
+        self.cache_slots = cache_slots
         self.max_len = max_len
         self.scratch = max_len  # the column padding rows write to
         # Zeros, not empty: padding rows attend to column 0 of whatever slot they stand in, and uninitialised
         # memory may hold NaN bit patterns.
         self.keys = [
-            torch.zeros(slots, s.kv_heads, max_len + 1, s.head_dim, dtype=dtype, device=device) for s in layers
+            torch.zeros(slots + cache_slots, s.kv_heads, max_len + 1, s.head_dim, dtype=dtype, device=device)
+            for s in layers
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self._free = list(range(slots))  # a heap
+        self._free = set(range(slots))
 
     @property
     def nbytes(self) -> int:
@@ -80,31 +91,65 @@ class KVArena:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def acquire(self) -> int:
-        """The lowest free slot.
+    @property
+    def free(self) -> frozenset[int]:
+        return frozenset(self._free)
+
+    def acquire(self, slot: int | None = None) -> int:
+        """The lowest free slot, or ``slot`` (which must be free).
 
         Raises:
             RuntimeError: every slot is taken (the scheduler admits at most ``slots`` sequences).
         """
         if not self._free:
             raise RuntimeError("no free KV slot: the scheduler admitted more sequences than the arena holds")
-        return heapq.heappop(self._free)
+        slot = min(self._free) if slot is None else slot
+        self._free.remove(slot)
+        return slot
 
     def release(self, slot: int) -> None:
-        """Frees a slot. Its old keys stay in memory and are overwritten by the next owner; they are never read,
-        since a row attends only to its own first ``length`` columns."""
-        heapq.heappush(self._free, slot)
+        """Frees a slot. Its old keys stay in memory and are overwritten by the next owner; a row attends only to
+        its own first ``length`` columns, so another request reads them only as a prefix-cache hit, which the
+        cache offers only while they are the tokens it recorded."""
+        self._free.add(slot)
 
-    def store(self, slot: int, cache: DynamicCache, row: int, length: int) -> None:
+    def store(
+        self, slot: int, cache: DynamicCache, row: int, length: int, start: int = 0, valid_from: Sequence[int] = ()
+    ) -> tuple[int, ...]:
         """Copies row ``row`` of a prefill cache (``length`` real tokens, right-aligned: rows of a prompt group
-        are left-padded) into ``slot``, columns ``[0, length)``. A sliding layer's cache keeps only the last
-        tokens of its window; they go to the columns they belong to, and the older ones are never attended."""
+        are left-padded) into ``slot``, columns ``[start, length)``: ``start > 0`` when columns ``[0, start)``
+        already hold the prefix (a prefix-cache hit reused in place). A sliding layer's cache keeps only the
+        last tokens of its window; they go to the columns they belong to, and the older ones are never attended.
+
+        Returns:
+            Per layer, the first column whose keys are now valid: ``valid_from`` (the slot's, before) where the
+            write continues the columns already there, else where the write began.
+        """
+        valid = []
         for index, layer in enumerate(cache.layers):
             keys, values = _kv(layer)
             kept = int(keys.shape[2])
-            count = min(length, kept)
-            self.keys[index][slot, :, length - count : length] = keys[row, :, kept - count :]
-            self.values[index][slot, :, length - count : length] = values[row, :, kept - count :]
+            begin = max(start, length - min(length, kept))
+            count = length - begin
+            self.keys[index][slot, :, begin:length] = keys[row, :, kept - count :]
+            self.values[index][slot, :, begin:length] = values[row, :, kept - count :]
+            before = valid_from[index] if valid_from else 0
+            valid.append(before if begin == start else begin)
+        return tuple(valid)
+
+    def seed(self, cache: DynamicCache, slot: int, length: int) -> None:
+        """Puts columns ``[0, length)`` of ``slot`` into an empty prefill cache, as if its forward pass had
+        computed them (a prefix-cache hit: the prompt's prefill goes on from ``length``)."""
+        for index in range(len(self.layers)):
+            cache.update(
+                self.keys[index][slot : slot + 1, :, :length], self.values[index][slot : slot + 1, :, :length], index
+            )
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Columns ``[0, length)`` of one slot into another, on the device (a prefix-cache entry moving)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
 
 
 class ArenaCache(Cache):

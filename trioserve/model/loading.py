@@ -134,12 +134,15 @@ def load_runner(settings: Settings) -> TransformersRunner:
         eos_token_ids=_eos_ids(model, tokenizer),
         max_model_len=settings.max_model_len,
         cuda_graphs=settings.cuda_graphs,
+        prefix_caching=settings.prefix_caching,
+        prefix_cache_slots=settings.prefix_cache_slots,
     )
     if runner.max_batch_size == 1 and settings.batch_size > 1:
         reason = one_per_pass_reason(model.config) or runner.mode
         logger.warning("%s runs one sequence per forward pass (taking turns): %s", runner.model_id, reason)
     else:
         logger.info("%s: decoding %s", runner.model_id, runner.mode)
+    logger.info("%s: prefix caching %s", runner.model_id, runner.prefix_caching)
     if (whole := needs_whole_prefill(model.config)) is not None:
         logger.info("%s prefills each prompt in one forward pass: %s", runner.model_id, whole)
     # Now, with the model, rather than in the first JSON-mode request's step, where it would stall the batch.

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -28,15 +29,30 @@ from trioserve.model.architectures import needs_whole_prefill
 from trioserve.model.arena import KVArena, arena_layers
 from trioserve.model.attention import use_arena_attention, use_plain_attention
 from trioserve.model.decode import DecodeStep
+from trioserve.model.prefixcache import Hit, PrefixCache
 from trioserve.model.sampling import SequenceSampler, sample_rows
 from trioserve.text.grammars import output_grammar
 from trioserve.text.guided import GuideFactory
 from trioserve.text.tokenization import ChatTokenizer
-from trioserve.types import GenerationRequest, OutputSchema, PrefillChunk, SampledToken, StepOutput, StepPlan
+from trioserve.types import (
+    GenerationRequest,
+    OutputSchema,
+    PrefillChunk,
+    PrefixCacheStats,
+    SampledToken,
+    StepOutput,
+    StepPlan,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096
+# A retained entry is taken in place only if at most this many of its tokens (or an eighth of the hit) lie
+# past the hit: the multi-turn case, where the entry is the conversation so far plus its last few tokens.
+IN_PLACE_TAIL = 16
+# A prompt leaves a group prefill for a pass of its own from the cache when the hit is at least this long and
+# half its prompt (a few shared template tokens are not worth a pass).
+MIN_SOLO_HIT = 32
 
 
 @dataclass(eq=False)
@@ -50,6 +66,10 @@ class _Sequence:
     slot: int | None = None  # its arena slot (arena mode)
     length: int = 0  # tokens whose KV is held
     last_token: int = -1  # sampled but not yet fed back
+    fed: list[int] = field(default_factory=list)  # generated tokens whose KV is held (after the prompt's)
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    in_place: int = 0  # of those, the ones already in its own slot (a retained entry taken in place)
+    valid_from: tuple[int, ...] = ()  # that entry's valid columns per layer (see `KVArena.store`)
 
 
 class TransformersRunner:
@@ -64,6 +84,9 @@ class TransformersRunner:
         max_model_len: prompt plus output tokens a sequence may hold (default: the model's limit, at most
             4096); sizes the arena.
         cuda_graphs: capture the decode pass as CUDA graphs (on CUDA devices only).
+        prefix_caching: keep what finished sequences computed as evictable cache, and prefill only the part
+            of a prompt no cache entry of its scope holds (arena mode only; `trioserve.model.prefixcache`).
+        prefix_cache_slots: arena slots, beyond one per sequence, that only hold prefix-cache entries.
     """
 
     def __init__(
@@ -76,6 +99,8 @@ class TransformersRunner:
         eos_token_ids: frozenset[int],
         max_model_len: int | None = None,
         cuda_graphs: bool = True,
+        prefix_caching: bool = True,
+        prefix_cache_slots: int = 0,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
@@ -94,9 +119,25 @@ class TransformersRunner:
         self.forward_passes = 0
         self.arena: KVArena | None = None
         self._decode_step: DecodeStep | None = None
+        self._cache_slots = prefix_cache_slots if prefix_caching else 0
         self.mode = self._set_up_arena(max_batch_size, cuda_graphs) if max_batch_size > 1 else "--max-batch-size 1"
         self._max_batch_size = max_batch_size if self.arena is not None else 1
         self._prefill_whole = needs_whole_prefill(model.config) is not None
+        self.prefix_cache: PrefixCache | None = None
+        if not prefix_caching:
+            self.prefix_caching = "off (--no-prefix-caching)"
+        elif self.arena is None:
+            # Own-cache models (recurrent or hybrid state, attention off the arena) keep state that a token
+            # prefix alone does not determine at a boundary we could stop at: no reuse, never inexact.
+            self.prefix_caching = f"off: the model is not decoded from the KV arena ({self.mode})"
+        else:
+            windows = tuple(shape.sliding_window for shape in self.arena.layers)
+            self.prefix_cache = PrefixCache(self.arena.slots, self.arena.cache_slots, windows)
+            per_slot = self.arena.nbytes / (self.arena.slots + self.arena.cache_slots) / 2**30
+            self.prefix_caching = (
+                f"on: retained in free arena slots, plus {self.arena.cache_slots} cache-only slots "
+                f"({self.arena.cache_slots * per_slot:.2f} GiB, included in the arena's size)"
+            )
 
     # -- Runner Protocol: properties ------------------------------------------------------------------
 
@@ -142,6 +183,9 @@ class TransformersRunner:
     def kv_tokens(self) -> int:
         return sum(sequence.length for sequence in self._sequences.values())
 
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return self.prefix_cache.stats() if self.prefix_cache is not None else None
+
     # -- Runner Protocol: lifecycle -------------------------------------------------------------------
 
     def release(self, seq_id: int) -> None:
@@ -150,7 +194,9 @@ class TransformersRunner:
             return
         if sequence.slot is not None:
             assert self.arena is not None
-            self.arena.release(sequence.slot)  # its next owner overwrites it; nothing reads it before
+            if self.prefix_cache is not None:  # what it computed stays behind as evictable cache
+                self.prefix_cache.released(sequence.slot, seq_id)
+            self.arena.release(sequence.slot)
         sequence.cache = None
 
     def step(self, plan: StepPlan) -> StepOutput:
@@ -169,9 +215,11 @@ class TransformersRunner:
                 tokens[plan.prefill[0].seq_id] = token
         elif plan.prefill:
             tokens.update(self._prefill_together(plan.prefill))
+        held = {c.seq_id: self._sequences[c.seq_id].length for c in plan.prefill if c.seq_id in self._sequences}
+        cached = {c.seq_id: self._sequences[c.seq_id].cached for c in plan.prefill if c.start == 0}
         if plan.decode:
             tokens.update(self._decode(plan.decode))
-        return StepOutput(tokens)
+        return StepOutput(tokens, prefilled=held, cached=cached)
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -236,42 +284,125 @@ class TransformersRunner:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _new_sequence(self, chunk: PrefillChunk, cache: DynamicCache | None) -> _Sequence:
+    def _new_sequence(self, chunk: PrefillChunk, cache: DynamicCache | None, hit: Hit | None = None) -> _Sequence:
+        """The sequence's state and its arena slot: with prefix caching, the hit's own slot when it is a retained
+        one worth taking in place, else an empty or the least recently used retained slot (see `PrefixCache`)."""
         request = chunk.request
         grammar = request.params.grammar
         guide = self.guides.guide(grammar) if grammar is not None else None
         sampler = SequenceSampler(request.params, request.prompt_ids, self._vocab_size, self._device, guide)
-        slot = self.arena.acquire() if self.arena is not None else None
+        slot = None
+        if self.arena is not None and self.prefix_cache is not None:
+            slot, moves = self.prefix_cache.take_slot(sorted(self.arena.free), chunk.seq_id, hit)
+            for source, target, length in moves:
+                self.arena.copy(source, target, length)
+            self.arena.acquire(slot)
+        elif self.arena is not None:
+            slot = self.arena.acquire()
         sequence = _Sequence(chunk.seq_id, request, sampler, cache, slot)
+        if hit is not None:
+            sequence.length = sequence.cached = hit.length
+            if hit.retained and hit.slot == slot:
+                assert self.prefix_cache is not None
+                sequence.in_place = hit.length
+                sequence.valid_from = self.prefix_cache.entries[slot].valid_from
         self._sequences[chunk.seq_id] = sequence
         return sequence
 
-    def _prefill_chunk(self, chunk: PrefillChunk) -> SampledToken | None:
-        """One chunk of one prompt, into that sequence's own cache (then its slot, after the last chunk)."""
+    def _lookup(self, request: GenerationRequest) -> Hit | None:
+        """The prompt's usable cached prefix, if any. A retained hit is offered in place only when it covers its
+        entry nearly whole: taking a slot overwrites the rest of its entry (another conversation's history)."""
+        if self.prefix_cache is None:
+            return None
+        hit = self.prefix_cache.lookup(request.cache_scope, numpy.asarray(request.prompt_ids, dtype=numpy.int64))
+        if hit is not None and hit.retained:
+            left = self.prefix_cache.entries[hit.slot].length - hit.length
+            if left > max(IN_PLACE_TAIL, hit.length // 8):
+                hit = Hit(hit.slot, hit.length, retained=False)
+        return hit
+
+    def _prefill_chunk(self, chunk: PrefillChunk, hit: Hit | None = None) -> SampledToken | None:
+        """One chunk of one prompt, into that sequence's own cache (then its slot, after the last chunk).
+
+        With a prefix-cache hit the first chunk starts where the hit ends (its keys and values seeded into the
+        sequence's cache from the arena) and covers as many new tokens as the chunk would have.
+        """
         if chunk.start == 0:
-            self._new_sequence(chunk, DynamicCache(config=self.model.config))
+            hit = hit if hit is not None else self._lookup(chunk.request)
+            cache = DynamicCache(config=self.model.config)
+            if hit is not None:
+                assert self.arena is not None
+                self.arena.seed(cache, hit.slot, hit.length)  # before a slot is taken: that may move entries
+            self._new_sequence(chunk, cache, hit)
         sequence = self._sequences[chunk.seq_id]
         assert sequence.cache is not None, "a decoding sequence cannot be prefilled again"
-        ids = chunk.request.prompt_ids[chunk.start : chunk.end]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
-        positions = torch.arange(chunk.start, chunk.end, device=self._device).unsqueeze(0)
+        prompt = chunk.request.prompt_ids
+        start = sequence.length
+        end = min(start + chunk.end - chunk.start, len(prompt))
+        input_ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=self._device)
+        positions = torch.arange(start, end, device=self._device).unsqueeze(0)
         # One unpadded row: no attention mask (recurrent mixers misread one given at decode).
         logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
-        sequence.length = chunk.end
-        if not chunk.is_last:
+        sequence.length = end
+        if end < len(prompt):
             return None
         if self.arena is not None:
-            assert sequence.slot is not None
-            self.arena.store(sequence.slot, sequence.cache, 0, sequence.length)
+            self._store(sequence, sequence.cache, 0)
             sequence.cache = None
         (token,) = sample_rows(logits, [sequence.sampler], self._eos_token_ids)
         sequence.last_token = token.token_id
         return token
 
+    def _store(self, sequence: _Sequence, cache: DynamicCache, row: int) -> None:
+        """A prefilled prompt into its slot, and (with prefix caching) the slot's entry now its."""
+        assert self.arena is not None and sequence.slot is not None
+        valid = self.arena.store(sequence.slot, cache, row, sequence.length, sequence.in_place, sequence.valid_from)
+        if self.prefix_cache is not None:
+            request = sequence.request
+            prompt = numpy.asarray(request.prompt_ids, dtype=numpy.int64)
+            self.prefix_cache.stored(sequence.slot, request.cache_scope, prompt, sequence.fed, valid, sequence.seq_id)
+
     def _prefill_together(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
-        """Whole prompts of several sequences in one left-padded forward pass, each copied into its slot."""
+        """Whole prompts of several sequences in one left-padded forward pass, each copied into its slot. With
+        prefix caching, a prompt with a long cached prefix, or the same prompt as one before it (``n > 1``),
+        goes on its own after the pass, from the cache."""
         assert self.arena is not None, "only arena mode prefills prompts together"
         assert all(c.start == 0 and c.is_last for c in chunks), "only whole prompts are prefilled together"
+        later: list[PrefillChunk] = []
+        if self.prefix_cache is not None:
+            together: list[PrefillChunk] = []
+            for chunk in chunks:
+                request = chunk.request
+                same = any(
+                    c.request.cache_scope == request.cache_scope and c.request.prompt_ids == request.prompt_ids
+                    for c in together
+                )
+                if same or self._worth_its_own_pass(request):
+                    later.append(chunk)
+                else:
+                    together.append(chunk)
+            chunks = tuple(together)
+        tokens: dict[int, SampledToken] = {}
+        if len(chunks) == 1:
+            token = self._prefill_chunk(chunks[0])
+            assert token is not None
+            tokens[chunks[0].seq_id] = token
+        elif chunks:
+            tokens.update(self._prefill_group(chunks))
+        for chunk in later:
+            token = self._prefill_chunk(chunk)
+            assert token is not None
+            tokens[chunk.seq_id] = token
+        return tokens
+
+    def _worth_its_own_pass(self, request: GenerationRequest) -> bool:
+        """Whether a prompt's cached prefix saves more than a row of the group pass costs it."""
+        assert self.prefix_cache is not None
+        prompt = numpy.asarray(request.prompt_ids, dtype=numpy.int64)
+        length = self.prefix_cache.peek(request.cache_scope, prompt)
+        return length >= max(MIN_SOLO_HIT, len(prompt) // 2)
+
+    def _prefill_group(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
         lengths = [len(c.request.prompt_ids) for c in chunks]
         width = max(lengths)
         padded = [[0] * (width - n) + list(c.request.prompt_ids) for c, n in zip(chunks, lengths, strict=True)]
@@ -283,9 +414,8 @@ class TransformersRunner:
         logits = self._forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
         sequences = [self._new_sequence(chunk, None) for chunk in chunks]
         for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
-            assert sequence.slot is not None
-            self.arena.store(sequence.slot, cache, row, length)
             sequence.length = length
+            self._store(sequence, cache, row)
         tokens = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
         for sequence, token in zip(sequences, tokens, strict=True):
             sequence.last_token = token.token_id
@@ -309,5 +439,6 @@ class TransformersRunner:
         sampled = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
         for sequence, token in zip(sequences, sampled, strict=True):
             sequence.length += 1
+            sequence.fed.append(sequence.last_token)  # its KV is now held (a live prefix-cache entry grows)
             sequence.last_token = token.token_id
         return {s.seq_id: t for s, t in zip(sequences, sampled, strict=True)}

@@ -39,6 +39,7 @@ from trioserve.server.httpio import (
     has_api_key,
     json_response,
     read_json,
+    tenant,
     validation_error,
 )
 from trioserve.server.metrics import CONTENT_TYPE, Metrics
@@ -249,7 +250,12 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         except ValidationError as exc:
             raise validation_error(exc) from None
         time_limit = _request_timeout(settings, body)
-        prepared = await service.prepare(body, request_id=state.client_request_id, time_limit=time_limit)  # type: ignore[arg-type]
+        prepared = await service.prepare(
+            body,  # type: ignore[arg-type]
+            request_id=state.client_request_id,
+            time_limit=time_limit,
+            tenant=tenant(),
+        )
         state.request_id = prepared.completion_id  # logs and X-Request-Id then match the completion's id
         state.timing = prepared.timing
         # 429 here, before any response starts; streams admitted before a refusal are closed with the request.
@@ -299,7 +305,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         except ValidationError as exc:
             raise validation_error(exc) from None
         turn = responses.translate(body)
-        prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat))
+        prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat), tenant=tenant())
         state.request_id = state.client_request_id or prepared.response_id
         state.timing = prepared.chat.timing
         streams = [state.own(engine.submit(generation)) for generation in prepared.chat.generations]

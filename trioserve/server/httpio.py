@@ -9,6 +9,7 @@ between a handler returning a streaming response and Quart iterating it), and wr
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -130,12 +131,13 @@ def _log_access(state: RequestState, ended: float) -> None:
         return
     ttft = f"{1000 * (timing.first_token - timing.arrived):.0f}ms" if timing.first_token is not None else "-"
     access_logger.info(
-        "%s %s %s %d prompt=%s completion=%d ttft=%s total=%.0fms finish=%s",
+        "%s %s %s %d prompt=%s cached=%d completion=%d ttft=%s total=%.0fms finish=%s",
         state.request_id,
         state.method,
         state.path,
         state.status,
         "-" if timing.prompt_tokens is None else timing.prompt_tokens,
+        timing.cached_tokens,
         timing.completion_tokens,
         ttft,
         1000 * (ended - timing.arrived),
@@ -187,6 +189,14 @@ def _presented_key() -> bytes:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def tenant() -> str:
+    """Who sent the request, for prefix-cache isolation: a digest of the Bearer token it presented (the same
+    key, the same tenant; no key, the tenant ""). Requests of different tenants never share cached KV, which
+    would let one time the other's prompts."""
+    presented = _presented_key()
+    return hashlib.sha256(presented).hexdigest()[:32] if presented else ""
 
 
 def has_api_key(keys: Sequence[str]) -> bool:

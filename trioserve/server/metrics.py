@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from trioserve.api.serving import RequestTiming
@@ -38,6 +38,21 @@ class _EngineGauges(Collector):
             "trioserve_live_sequences",
             "Sequences whose KV the runner holds.",
             value=runner.live_sequences() if runner is not None else 0,
+        )
+        stats = runner.prefix_cache_stats() if runner is not None else None
+        if stats is None:
+            return
+        for name, text, value in (
+            ("queried_tokens", "Prompt tokens looked up in the prefix cache.", stats.queried_tokens),
+            ("hit_tokens", "Prompt tokens found in the prefix cache (not prefilled again).", stats.hit_tokens),
+            ("evictions", "Prefix-cache entries evicted (least recently used first).", stats.evictions),
+        ):
+            yield CounterMetricFamily(f"trioserve_prefix_cache_{name}", text, value=value)
+        yield GaugeMetricFamily(
+            "trioserve_prefix_cache_entries", "Finished requests' KV retained as cache.", value=stats.retained_entries
+        )
+        yield GaugeMetricFamily(
+            "trioserve_prefix_cache_tokens", "Token positions retained as cache.", value=stats.retained_tokens
         )
 
 

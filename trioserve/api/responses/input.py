@@ -38,6 +38,7 @@ CHAT_EXTENSIONS = frozenset(
         "request_timeout",
         "truncate",
         "chat_template_kwargs",
+        "cache_salt",
     }
 )
 _TEXT_PART_TYPES = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})

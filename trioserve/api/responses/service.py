@@ -103,14 +103,16 @@ class ResponsesService:
         messages = input_messages(body)
         return Turn(body, chat_request(body, history, messages), (*history, *messages))
 
-    async def prepare(self, turn: Turn, *, time_limit: float) -> PreparedResponse:
+    async def prepare(self, turn: Turn, *, time_limit: float, tenant: str = "") -> PreparedResponse:
         """Prepares the chat request (template, context and grammar checks), as `ChatService.prepare`.
 
         Raises:
             InvalidRequest: as `ChatService.prepare`, with the Responses API's parameter names.
         """
         try:
-            prepared = await self.chat.prepare(turn.chat, request_id=response_id(), time_limit=time_limit)
+            prepared = await self.chat.prepare(
+                turn.chat, request_id=response_id(), time_limit=time_limit, tenant=tenant
+            )
         except InvalidRequest as error:
             raise renamed(error) from None
         return PreparedResponse(turn, prepared)
@@ -228,7 +230,7 @@ class ResponsesService:
 def _usage_of(usage: Usage, reasoning_tokens: int) -> ResponseUsage:
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
-        input_tokens_details=InputTokensDetails(),
+        input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
         output_tokens=usage.completion_tokens,
         # Counted by re-encoding the reasoning text (the chat path does not count tokens per part): text
         # that is not what the tokenizer would write re-encodes longer, so never more than was generated.
