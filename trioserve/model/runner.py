@@ -51,8 +51,9 @@ DEFAULT_MAX_MODEL_LEN = 4096
 # past the hit: the multi-turn case, where the entry is the conversation so far plus its last few tokens.
 IN_PLACE_TAIL = 16
 # A prompt leaves a group prefill for a pass of its own from the cache when the hit is at least this long and
-# half its prompt (a few shared template tokens are not worth a pass).
+# half its prompt (a few shared template tokens are not worth a pass), at most this many a step.
 MIN_SOLO_HIT = 32
+SOLO_PASSES = 4
 
 
 @dataclass(eq=False)
@@ -240,7 +241,14 @@ class TransformersRunner:
             return f"one sequence per pass: attention implementation {name!r} cannot decode from the arena"
         dtype = next(self.model.parameters()).dtype
         try:
-            self.arena = KVArena(layers, slots=slots, max_len=self._max_context, dtype=dtype, device=self._device)
+            self.arena = KVArena(
+                layers,
+                slots=slots,
+                max_len=self._max_context,
+                dtype=dtype,
+                device=self._device,
+                cache_slots=self._cache_slots,
+            )
         except torch.OutOfMemoryError as exc:
             raise torch.OutOfMemoryError(
                 f"the KV arena ({slots} slots x {self._max_context} tokens) does not fit: lower --max-concurrent "
@@ -363,32 +371,33 @@ class TransformersRunner:
             self.prefix_cache.stored(sequence.slot, request.cache_scope, prompt, sequence.fed, valid, sequence.seq_id)
 
     def _prefill_together(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
-        """Whole prompts of several sequences in one left-padded forward pass, each copied into its slot. With
-        prefix caching, a prompt with a long cached prefix, or the same prompt as one before it (``n > 1``),
-        goes on its own after the pass, from the cache."""
+        """Whole prompts of several sequences in one left-padded forward pass, each copied into its slot.
+
+        With prefix caching, the same prompt twice (``n > 1`` choices) is computed once: its row's KV is stored
+        into every slot and its logits sampled by each sampler. A prompt with a long cached prefix goes on its
+        own after the pass, from the cache (a few a step: each is a pass of its own).
+        """
         assert self.arena is not None, "only arena mode prefills prompts together"
         assert all(c.start == 0 and c.is_last for c in chunks), "only whole prompts are prefilled together"
         later: list[PrefillChunk] = []
-        if self.prefix_cache is not None:
-            together: list[PrefillChunk] = []
-            for chunk in chunks:
-                request = chunk.request
-                same = any(
-                    c.request.cache_scope == request.cache_scope and c.request.prompt_ids == request.prompt_ids
-                    for c in together
-                )
-                if same or self._worth_its_own_pass(request):
-                    later.append(chunk)
-                else:
-                    together.append(chunk)
-            chunks = tuple(together)
+        leaders: list[PrefillChunk] = []
+        members: list[tuple[PrefillChunk, int]] = []  # each chunk and the row of the pass that computes it
+        rows: dict[tuple[str, tuple[int, ...]], int] = {}
+        for chunk in chunks:
+            request = chunk.request
+            if self.prefix_cache is not None and len(later) < SOLO_PASSES and self._worth_its_own_pass(request):
+                later.append(chunk)
+                continue
+            key = (request.cache_scope, request.prompt_ids) if self.prefix_cache is not None else ("", (chunk.seq_id,))
+            if key not in rows:
+                rows[key] = len(leaders)
+                leaders.append(chunk)
+            members.append((chunk, rows[key]))
         tokens: dict[int, SampledToken] = {}
-        if len(chunks) == 1:
-            token = self._prefill_chunk(chunks[0])
-            assert token is not None
-            tokens[chunks[0].seq_id] = token
-        elif chunks:
-            tokens.update(self._prefill_group(chunks))
+        if len(members) == 1:
+            later.insert(0, members[0][0])
+        elif members:
+            tokens.update(self._prefill_group(leaders, members))
         for chunk in later:
             token = self._prefill_chunk(chunk)
             assert token is not None
@@ -402,20 +411,24 @@ class TransformersRunner:
         length = self.prefix_cache.peek(request.cache_scope, prompt)
         return length >= max(MIN_SOLO_HIT, len(prompt) // 2)
 
-    def _prefill_group(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
-        lengths = [len(c.request.prompt_ids) for c in chunks]
+    def _prefill_group(
+        self, leaders: list[PrefillChunk], members: list[tuple[PrefillChunk, int]]
+    ) -> dict[int, SampledToken]:
+        lengths = [len(c.request.prompt_ids) for c in leaders]
         width = max(lengths)
-        padded = [[0] * (width - n) + list(c.request.prompt_ids) for c, n in zip(chunks, lengths, strict=True)]
+        padded = [[0] * (width - n) + list(c.request.prompt_ids) for c, n in zip(leaders, lengths, strict=True)]
         mask_rows = [[0] * (width - n) + [1] * n for n in lengths]
         input_ids = torch.tensor(padded, dtype=torch.long, device=self._device)
         mask = torch.tensor(mask_rows, dtype=torch.long, device=self._device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-        sequences = [self._new_sequence(chunk, None) for chunk in chunks]
-        for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
-            sequence.length = length
+        sequences = [self._new_sequence(chunk, None) for chunk, _ in members]
+        for sequence, (_, row) in zip(sequences, members, strict=True):
+            sequence.length = lengths[row]
             self._store(sequence, cache, row)
+        if len(members) > len(leaders):
+            logits = logits[torch.tensor([row for _, row in members], device=logits.device)]
         tokens = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
         for sequence, token in zip(sequences, tokens, strict=True):
             sequence.last_token = token.token_id
