@@ -24,6 +24,8 @@ class RequestTiming:
     token_times: list[float] = field(default_factory=list)  # arrival of each event carrying content
     completion_tokens: int = 0
     events: int = 0  # every SSE data event, [DONE] excluded
+    prompt_tokens: int = 0  # from the usage chunk, when the server sends one
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (0 where a server does not say)
 
     @property
     def ttft(self) -> float:
@@ -137,8 +139,10 @@ def _account(event: bytes, now: float, timing: RequestTiming) -> None:
     chunk = json.loads(event[6:])
     if "error" in chunk:
         raise HTTPError(f"error event: {chunk['error']}")
-    if chunk.get("usage"):
-        timing.completion_tokens = chunk["usage"]["completion_tokens"]
+    if usage := chunk.get("usage"):
+        timing.completion_tokens = usage["completion_tokens"]
+        timing.prompt_tokens = usage.get("prompt_tokens") or 0
+        timing.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     for choice in chunk.get("choices", ()):
         if choice.get("delta", {}).get("content") or choice.get("text"):
             timing.token_times.append(now)

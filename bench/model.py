@@ -21,9 +21,10 @@ SHAPE = {
 VOCAB = 16384
 
 
-def bench_model_dir() -> Path:
-    """Builds the model on first use (about 10 s), then reuses it."""
-    path = CACHE / "llama-115m-random"
+def bench_model_dir(positions: int = 2048) -> Path:
+    """Builds the model on first use (about 10 s), then reuses it; ``positions``: its context (the multi-turn
+    trace needs more than the default)."""
+    path = CACHE / ("llama-115m-random" if positions == 2048 else f"llama-115m-random-{positions}")
     if not (path / "config.json").exists():
-        save_tiny_model(path, vocab_size=VOCAB, **SHAPE)
+        save_tiny_model(path, vocab_size=VOCAB, **(SHAPE | {"max_position_embeddings": positions}))
     return path

@@ -106,7 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--layouts", help="--gpu: model layouts, of tiny, 1b, 8b (default 1b,8b on CUDA, else tiny)")
     parser.add_argument("--models-dir", default="/tmp/trioserve-bench-models", help="--gpu: where models are built")
+    parser.add_argument(
+        "--multi-turn",
+        action="store_true",
+        help="agent-shaped turns: prefix caching on, off, transformers serve",
+    )
+    parser.add_argument("--conversations", type=int, default=6, help="--multi-turn: conversations at once")
+    parser.add_argument("--turns", type=int, default=8, help="--multi-turn: turns per conversation")
+    parser.add_argument("--max-model-len", type=int, default=2560, help="--multi-turn: trioserve's context")
+    parser.add_argument("--control", type=int, default=8, help="--multi-turn: distinct-prompt requests (no reuse)")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="--multi-turn: the servers' request slots")
+    parser.add_argument("--prefix-cache-slots", type=int, default=4, help="--multi-turn: trioserve's cache-only slots")
     args = parser.parse_args(argv)
+    if args.multi_turn:
+        from bench.multiturn import run_multi_turn
+
+        args.max_tokens = args.max_tokens or 8
+        return run_multi_turn(args)
     if args.gpu:
         from bench.gpu import run_gpu
 

@@ -26,8 +26,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from trioserve.errors import InvalidRequest, OutOfMemory
 from trioserve.model.architectures import needs_whole_prefill
-from trioserve.model.arena import KVArena, arena_layers
-from trioserve.model.attention import use_arena_attention, use_plain_attention
+from trioserve.model.arena import KVArena
+from trioserve.model.arena_setup import set_up_arena
 from trioserve.model.decode import DecodeStep
 from trioserve.model.prefixcache import Hit, PrefixCache
 from trioserve.model.sampling import SequenceSampler, sample_rows
@@ -120,8 +120,17 @@ class TransformersRunner:
         self.forward_passes = 0
         self.arena: KVArena | None = None
         self._decode_step: DecodeStep | None = None
-        self._cache_slots = prefix_cache_slots if prefix_caching else 0
-        self.mode = self._set_up_arena(max_batch_size, cuda_graphs) if max_batch_size > 1 else "--max-batch-size 1"
+        self.mode = "--max-batch-size 1"
+        if max_batch_size > 1:
+            self.arena, self._decode_step, self.mode = set_up_arena(
+                model,
+                self._forward,
+                slots=max_batch_size,
+                max_len=self._max_context,
+                cache_slots=prefix_cache_slots if prefix_caching else 0,
+                cache_kwarg=self._cache_kwarg,
+                cuda_graphs=cuda_graphs,
+            )
         self._max_batch_size = max_batch_size if self.arena is not None else 1
         self._prefill_whole = needs_whole_prefill(model.config) is not None
         self.prefix_cache: PrefixCache | None = None
@@ -223,66 +232,6 @@ class TransformersRunner:
         return StepOutput(tokens, prefilled=held, cached=cached)
 
     # -- set-up ---------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def _set_up_arena(self, slots: int, cuda_graphs: bool) -> str:
-        """Allocates the arena and checks, on a probe prompt, that a decode pass through it gives the logits
-        the model's own cache gives. Returns how sequences are decoded, for the startup log."""
-        probe = DynamicCache(config=self.model.config)
-        ids = torch.tensor([[1, 2, 3]], device=self._device)
-        self._forward(probe, input_ids=ids[:, :2], position_ids=torch.tensor([[0, 1]], device=self._device))
-        layers = arena_layers(probe)
-        if layers is None:
-            kinds = sorted({type(layer).__name__ for layer in probe.layers})
-            return f"one sequence per pass: its cache layers ({', '.join(kinds)}) are not plain attention"
-        base = use_arena_attention(self.model)
-        if base is None:
-            name = self.model.config._attn_implementation
-            return f"one sequence per pass: attention implementation {name!r} cannot decode from the arena"
-        dtype = next(self.model.parameters()).dtype
-        try:
-            self.arena = KVArena(
-                layers,
-                slots=slots,
-                max_len=self._max_context,
-                dtype=dtype,
-                device=self._device,
-                cache_slots=self._cache_slots,
-            )
-        except torch.OutOfMemoryError as exc:
-            raise torch.OutOfMemoryError(
-                f"the KV arena ({slots} slots x {self._max_context} tokens) does not fit: lower --max-concurrent "
-                f"or --max-model-len ({exc})"
-            ) from exc
-        self._decode_step = DecodeStep(
-            self.model, self.arena, cache_kwarg=self._cache_kwarg, additive_masks=base == "eager"
-        )
-        slot = self.arena.acquire()
-        self.arena.store(slot, probe, 0, 2)
-        expected = self._forward(probe, input_ids=ids[:, 2:], position_ids=torch.tensor([[2]], device=self._device))
-        got = self._decode_step.run([slot], [3], [2])[0]
-        self.arena.release(slot)
-        scale = float(expected.abs().max())
-        agrees = bool(torch.allclose(got, expected[0].float(), rtol=2e-2, atol=2e-2 * scale))
-        if self._decode_step.masks_seen != len(layers) or not agrees:
-            use_plain_attention(self.model)
-            self.arena, self._decode_step = None, None
-            return "one sequence per pass: its attention layers do not decode correctly from the arena"
-        if cuda_graphs and self._device.type == "cuda":
-            try:
-                self._decode_step.capture()
-                # The probe again, now replayed: a capture that missed an input buffer shows here.
-                replayed = self._decode_step.run([slot], [3], [2])[0]
-                if not torch.allclose(replayed, got, rtol=1e-3, atol=1e-3 * scale):
-                    raise RuntimeError("a replay of the captured decode pass disagrees with the eager pass")
-            except Exception:  # the model still serves, eagerly: slower, never wrong
-                logger.exception("capturing the decode pass as CUDA graphs failed; decoding eagerly")
-                self._decode_step.drop_graphs()
-        gib = self.arena.nbytes / 2**30
-        graphs = "CUDA graphs" if self._decode_step.captured else "eager"
-        return (
-            f"up to {slots} sequences per pass ({graphs}); KV arena {slots} x {self._max_context} tokens, {gib:.2f} GiB"
-        )
 
     # -- passes ---------------------------------------------------------------------------------------
 
