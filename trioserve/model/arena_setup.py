@@ -86,5 +86,6 @@ def set_up_arena(
             decode_step.drop_graphs()
     gib = arena.nbytes / 2**30
     graphs = "CUDA graphs" if decode_step.captured else "eager"
-    mode = f"up to {slots} sequences per pass ({graphs}); KV arena {slots} x {max_len} tokens, {gib:.2f} GiB"
+    extra = f" (+{cache_slots} prefix-cache-only)" if cache_slots else ""
+    mode = f"up to {slots} sequences per pass ({graphs}); KV arena {slots}{extra} x {max_len} tokens, {gib:.2f} GiB"
     return arena, decode_step, mode
