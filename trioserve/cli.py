@@ -44,6 +44,7 @@ def build_app(settings: Settings, load: Callable[[], Runner] | None = None) -> T
         prefill_chunk=settings.prefill_chunk,
         hotload=settings.hotload,
         on_record=metrics.record,
+        max_unread=settings.max_unread_tokens,
     )
     return create_app(engine, settings, metrics=metrics)
 
