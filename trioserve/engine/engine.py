@@ -141,6 +141,11 @@ class Engine:
         return self._scheduler.waiting if self._scheduler is not None else 0
 
     @property
+    def held(self) -> int:
+        """Sequences not decoding because their streams' readers are behind (backpressure)."""
+        return sum(sequence.held for sequence in self._sequences.values())
+
+    @property
     def active(self) -> int:
         """Requests that hold a place in the engine (running or waiting)."""
         return len(self._sequences)

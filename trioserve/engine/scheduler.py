@@ -110,9 +110,7 @@ class Scheduler:
             entry.phase = Phase.PREFILLING
             self._running[entry.seq_id] = entry
         prefill = self._plan_prefill()
-        decoding = tuple(
-            e.seq_id for e in self._running.values() if e.phase is Phase.DECODING and e.seq_id not in held
-        )
+        decoding = tuple(e.seq_id for e in self._running.values() if e.phase is Phase.DECODING and e.seq_id not in held)
         if self.batch_size == 1 and decoding:
             self._turn %= len(decoding)
             decoding = (decoding[self._turn],)

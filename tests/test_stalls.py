@@ -1,0 +1,389 @@
+"""Clients that stop reading, over real sockets (issues #23 and #24).
+
+The `openai` SDK over HTTP/2 forgets a stream it closes early without resetting it (httpcore never sends
+RST_STREAM: encode/httpcore#943), so the server hears nothing. What it does instead: backpressure (a
+sequence whose stream holds ``--max-unread-tokens`` unread tokens stops decoding), and the send timeout
+(a response that sends nothing for ``--send-timeout`` seconds is cancelled like a disconnect: stream reset
+on HTTP/2, connection aborted on HTTP/1.1). The drain's graceful timeout is a hard bound on the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import h2.errors
+import h2.settings
+import h11
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.servers import Served, demo_app, serve_on_loopback
+from tests.test_hardening import RawH2, start_server
+
+pytestmark = pytest.mark.socket
+
+MESSAGES = [{"role": "user", "content": "hello, what is good about malaysia"}]
+CHAT = "/v1/chat/completions"
+SEND_TIMEOUT = 1.5
+BOUND = 16
+ABANDONED = ("abandoned-0", "abandoned-1", "abandoned-2")
+
+
+def aborted(served: Served, reason: str) -> float:
+    """The server's ``trioserve_aborted_requests_total`` for ``reason``."""
+    return served.app.metrics.aborted.labels(reason)._value.get()  # type: ignore[no-any-return]
+
+
+def abandon_kwargs(request_id: str) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": MESSAGES,
+        "max_tokens": 1900,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 20,  # ~2 KB a token: the socket's buffers fill in tens of tokens
+        "extra_body": {"ignore_eos": True},
+        "extra_headers": {"X-Request-Id": request_id},
+    }
+
+
+def stalled_count(get: Callable[[str], str]) -> float:
+    for line in get("/metrics").splitlines():
+        if line.startswith('trioserve_aborted_requests_total{reason="stalled"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def sdk_sync_scenario(url: str) -> list[str]:
+    """Three streams read for 4 chunks then closed; the connection's other requests meanwhile; the client
+    idle until the server has let the abandoned ones go; a later request."""
+    with (
+        httpx.Client(http1=False, http2=True, timeout=30) as http,
+        openai.OpenAI(api_key="-", base_url=url + "/v1", http_client=http, max_retries=0) as client,
+    ):
+        for request_id in ABANDONED:
+            stream = client.chat.completions.create(**abandon_kwargs(request_id))
+            for _, _chunk in zip(range(4), stream, strict=False):
+                pass
+            stream.close()  # no RST_STREAM goes out (encode/httpcore#943)
+
+        def create(**kwargs: Any) -> Any:
+            return client.chat.completions.create(model="m", messages=MESSAGES, **kwargs)  # type: ignore[arg-type]
+
+        finishes = [create(max_tokens=5).choices[0].finish_reason]
+        finishes.append(list(create(max_tokens=5, stream=True))[-1].choices[0].finish_reason)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the SDK's connection stays idle meanwhile
+            time.sleep(0.2)
+            if stalled_count(lambda path: httpx.get(url + path).text) >= len(ABANDONED):
+                break
+        finishes.append(create(max_tokens=5).choices[0].finish_reason)
+        return finishes
+
+
+def sdk_async_scenario(url: str) -> list[str]:
+    async def scenario() -> list[str]:
+        async with (
+            httpx.AsyncClient(http1=False, http2=True, timeout=30) as http,
+            openai.AsyncOpenAI(api_key="-", base_url=url + "/v1", http_client=http, max_retries=0) as client,
+        ):
+
+            async def consume(request_id: str) -> None:
+                stream = await client.chat.completions.create(**abandon_kwargs(request_id))
+                count = 0
+                async for _chunk in stream:
+                    count += 1
+                    if count == 4:
+                        if request_id == ABANDONED[0]:
+                            await stream.close()
+                            return
+                        await asyncio.sleep(3600)  # the caller gives up on it with wait_for
+
+            for request_id in ABANDONED:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(consume(request_id), 0.5)
+
+            async def create(**kwargs: Any) -> Any:
+                result = await client.chat.completions.create(model="m", messages=MESSAGES, **kwargs)  # type: ignore[arg-type]
+                return [chunk async for chunk in result] if kwargs.get("stream") else result
+
+            finishes = [(await create(max_tokens=5)).choices[0].finish_reason]
+            finishes.append((await create(max_tokens=5, stream=True))[-1].choices[0].finish_reason)
+            for _ in range(300):  # the SDK's connection stays idle meanwhile
+                await asyncio.sleep(0.2)
+                if stalled_count(lambda path: httpx.get(url + path).text) >= len(ABANDONED):
+                    break
+            finishes.append((await create(max_tokens=5)).choices[0].finish_reason)
+            return finishes
+
+    return asyncio.run(scenario())
+
+
+async def watch_held(engine: Any, request_ids: tuple[str, ...]) -> dict[str, int]:
+    """Waits until each request is held (backpressure) and checks it takes no step while held; returns the
+    forward passes each had when held."""
+    held_passes: dict[str, int] = {}
+    with trio.fail_after(60):
+        while len(held_passes) < len(request_ids):
+            for sequence in list(engine._sequences.values()):
+                request_id = sequence.request.request_id
+                if request_id not in request_ids:
+                    continue
+                if sequence.held and request_id not in held_passes:
+                    assert sequence.unread == BOUND  # stopped at the bound, not a token more
+                    held_passes[request_id] = sequence.forward_passes
+                elif request_id in held_passes:
+                    assert sequence.forward_passes == held_passes[request_id]  # no step while held
+            await trio.sleep(0.005)
+    return held_passes
+
+
+async def released(engine: Any, request_ids: tuple[str, ...]) -> dict[str, Any]:
+    with trio.fail_after(60):
+        while not all(any(r.request_id == rid for r in engine.history) for rid in request_ids):
+            await trio.sleep(0.01)
+    return {r.request_id: r for r in engine.history if r.request_id in request_ids}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [sdk_sync_scenario, sdk_async_scenario], ids=["sync", "async"])
+async def test_sdk_over_http2_abandoned_streams_stop_at_the_bound_and_are_released_at_the_send_timeout(
+    scenario: Callable[[str], list[str]],
+) -> None:
+    # httpcore opens 16 MiB windows, so its abandoned streams are held by the connection's socket filling
+    # up once the client stops reading it; the stall then ends the connection (see README).
+    app = demo_app(send_timeout=SEND_TIMEOUT, max_unread_tokens=BOUND)
+    async with serve_on_loopback(app) as served, trio.open_nursery() as nursery:
+        engine = served.engine
+        finishes: list[str] = []
+
+        async def client() -> None:
+            finishes.extend(await trio.to_thread.run_sync(scenario, served.url))
+
+        nursery.start_soon(client)
+        held_passes = await watch_held(engine, ABANDONED)
+        held_at = trio.current_time()
+        records = await released(engine, ABANDONED)
+        assert trio.current_time() - held_at < SEND_TIMEOUT + 10  # generous: a busy machine
+    for request_id, record in records.items():
+        assert record.outcome == "closed"
+        assert record.forward_passes == held_passes[request_id]  # not a step more than where it was held
+        assert record.generated < 1000
+    assert aborted(served, "stalled") == len(ABANDONED)
+    assert aborted(served, "disconnect") == 0
+    assert finishes == ["length"] * 3  # the connection's other and later requests: answered normally
+    assert engine.active == 0
+    assert engine.runner is not None and engine.runner.live_sequences() == 0
+
+
+@pytest.mark.slow
+async def test_an_http2_stream_nobody_reads_is_reset_with_cancel_and_the_connection_goes_on() -> None:
+    app = demo_app(send_timeout=SEND_TIMEOUT, max_unread_tokens=BOUND)
+    async with serve_on_loopback(app) as served:
+        client = await RawH2.open(served.url)
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        await client.flush()
+        body = {"messages": MESSAGES, "max_tokens": 1900, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
+        abandoned = await client.post(CHAT, json.dumps({**body, "stream": True}).encode())
+        client.ignored.add(abandoned)  # its window is never reopened; the connection's is
+        short = json.dumps({"messages": MESSAGES, "max_tokens": 5}).encode()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.until, lambda: client.reset(abandoned) is not None, 60)
+            (request_id,) = await wait_for_ids(served.engine, 1)
+            held_passes = await watch_held(served.engine, (request_id,))
+            other = await client.post(CHAT, short)  # the connection's other streams go on meanwhile
+        assert client.reset(abandoned) == h2.errors.ErrorCodes.CANCEL
+        assert client.status(other) == 200 and client.ended(other)
+        later = await client.post(CHAT, short)
+        await client.until(lambda: client.ended(later), 30)
+        assert json.loads(client.body(later))["choices"][0]["finish_reason"] == "length"
+        (record,) = (await released(served.engine, (request_id,))).values()
+        assert record.outcome == "closed" and record.forward_passes == held_passes[request_id]
+        assert aborted(served, "stalled") == 1
+        assert served.engine.runner is not None and served.engine.runner.live_sequences() == 0
+        await client.aclose()
+
+
+async def wait_for_ids(engine: Any, count: int) -> list[str]:
+    with trio.fail_after(30):
+        while len(engine._sequences) < count:
+            await trio.sleep(0.01)
+    return [sequence.request.request_id for sequence in engine._sequences.values()]
+
+
+async def raw_stream_request(url: str, body: dict[str, Any], rcvbuf: int | None = None) -> trio.SocketStream:
+    """An HTTP/1.1 streaming request on a raw socket (a tiny receive buffer if asked); nothing read yet."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    data = json.dumps(body).encode()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    await stream.send_all(head.encode() + data)
+    return stream
+
+
+class BodyReader:
+    """Reads an HTTP/1.1 response through h11: ``complete`` once its terminating chunk has arrived."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.parser = h11.Connection(h11.CLIENT)
+        self.parser.send(h11.Request(method="POST", target=CHAT, headers=[("Host", "x"), ("Content-Length", "0")]))
+        self.parser.send(h11.EndOfMessage())
+        self.body = b""
+        self.complete = False
+        self.reset = False
+
+    async def read(self, max_bytes: int) -> bool:
+        """Reads up to ``max_bytes``; False once the connection has ended (EOF or reset)."""
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            self.reset = True
+            return False
+        try:
+            self.parser.receive_data(data)
+            while True:
+                event = self.parser.next_event()
+                if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                    break
+                if isinstance(event, h11.Data):
+                    self.body += event.data
+                if isinstance(event, h11.EndOfMessage):
+                    self.complete = True
+                    break
+        except h11.RemoteProtocolError:  # closed mid-body: h11 tells it from a complete one
+            return False
+        return bool(data)
+
+    @property
+    def events(self) -> list[bytes]:
+        return [event.removeprefix(b"data: ") for event in self.body.split(b"\n\n") if event.startswith(b"data: ")]
+
+
+@pytest.mark.slow
+async def test_a_slow_live_reader_is_never_cancelled_and_a_silent_one_is_aborted_http1() -> None:
+    app = demo_app(send_timeout=SEND_TIMEOUT, max_unread_tokens=BOUND)
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 40,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 10,  # ~1 KB a token
+        "stream": True,
+    }
+    async with serve_on_loopback(app) as served:
+        slow = BodyReader(await raw_stream_request(served.url, body, rcvbuf=2048))
+        silent = await raw_stream_request(served.url, {**body, "max_tokens": 1900}, rcvbuf=2048)
+        with trio.fail_after(120):
+            while await slow.read(2048):  # a little, then a pause shorter than the send timeout
+                if slow.complete:
+                    break
+                await trio.sleep(SEND_TIMEOUT / 3)
+        assert slow.complete and slow.events[-1] == b"[DONE]"
+        assert json.loads(slow.events[-2])["choices"][0]["finish_reason"] == "length"
+        # The silent client's connection was aborted (a reset: its unsent bytes are dropped) and its request
+        # cancelled, counted as stalled.
+        with trio.fail_after(30):
+            while aborted(served, "stalled") < 1:
+                await trio.sleep(0.05)
+        silent_reader = BodyReader(silent)
+        with trio.fail_after(10):
+            while await silent_reader.read(65536):
+                pass
+        assert not silent_reader.complete
+        await silent.aclose()
+        await slow.stream.aclose()
+        assert aborted(served, "stalled") == 1
+        (record,) = [r for r in served.engine.history if r.outcome == "closed"]  # the silent one
+        assert record.generated < 1000
+        assert served.engine.runner is not None and served.engine.runner.live_sequences() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(tmp_path: Path) -> None:
+    process, url, log = start_server(tmp_path, GRACEFUL_TIMEOUT="4", MAX_CONCURRENT="16")
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 1900,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "stream": True,
+    }
+    try:
+        readers: list[BodyReader] = []
+        silent: list[trio.SocketStream] = []
+
+        async def read_slowly(reader: BodyReader, pause: float) -> None:
+            while await reader.read(512) and not reader.complete:
+                await trio.sleep(pause)
+
+        async def read_fast(reader: BodyReader) -> None:
+            while await reader.read(65536) and not reader.complete:
+                pass
+
+        async def scenario() -> float:
+            async with trio.open_nursery() as nursery:
+                for index in range(8):
+                    reader = BodyReader(await raw_stream_request(url, body, rcvbuf=2048))
+                    readers.append(reader)
+                    nursery.start_soon(read_slowly, reader, 0.005 + 0.045 * index / 7)
+                for _ in range(2):
+                    reader = BodyReader(await raw_stream_request(url, body))
+                    readers.append(reader)
+                    nursery.start_soon(read_fast, reader)
+                silent.append(await raw_stream_request(url, body, rcvbuf=2048))
+                await trio.sleep(1.5)
+                os.kill(process.pid, signal.SIGTERM)
+                signalled = time.monotonic()
+                with trio.fail_after(20):
+                    while process.poll() is None:
+                        await trio.sleep(0.02)
+                exited_after = time.monotonic() - signalled
+            return exited_after
+
+        exited_after = trio.run(scenario)
+        assert process.returncode == 0
+        assert exited_after < 5.0, f"exited {exited_after:.1f}s after SIGTERM (graceful timeout 4s)"
+        cut = [(index, len(reader.body), reader.reset) for index, reader in enumerate(readers) if not reader.complete]
+        assert not cut, cut  # every reader's terminating chunk arrived: framed
+        for reader in readers:
+            assert reader.events, reader.body[:300]
+            last = reader.events[-1]
+            assert last == b"[DONE]" or json.loads(last)["error"]["type"] == "service_unavailable", last[-200:]
+
+        async def silent_is_closed() -> None:
+            rest = BodyReader(silent[0])
+            with trio.fail_after(10):  # the connection has ended: EOF or a reset, whatever it still holds
+                while await rest.read(65536):
+                    pass
+            # Either the kernel took its whole answer before the deadline (ending with the error event), or
+            # the connection was aborted: never a body that parses as complete without its end.
+            if rest.complete:
+                assert json.loads(rest.events[-1])["error"]["type"] == "service_unavailable"
+            else:
+                assert rest.reset or not rest.body.endswith(b"\n\n0\r\n\r\n")
+
+        trio.run(silent_is_closed)
+        text = log.read_text()
+        assert "shut down cleanly (0 sequences hold KV)" in text
+    finally:
+        process.kill()
+        for stream in [reader.stream for reader in readers] + silent:
+            stream.socket.close()
