@@ -206,14 +206,15 @@ class TokenStream:
         self._note_taken()
         return item
 
-    async def receive_ready(self, at_least: int = 1) -> list[TokenEvent]:
+    async def receive_ready(self, at_least: int = 1, at_most: int | None = None) -> list[TokenEvent]:
         """Waits for events, then takes every event already waiting too, in order; an empty list at the
         end of the stream. Returns once it holds ``at_least`` events, or the sequence has finished, ended
         or failed.
 
         A consumer that fell behind (a slow client, a busy event loop) thus catches up in one go and can
-        send what it took as one chunk. Events taken before a cancellation (a deadline) are not lost: the
-        next call, or `take_received`, returns them.
+        send what it took as one chunk; ``at_most`` bounds that chunk (the rest stays for the next call).
+        Events taken before a cancellation (a deadline) are not lost: the next call, or `take_received`,
+        returns them.
 
         Raises:
             GenerationFailed: the forward pass carrying this sequence failed (once the events before the
@@ -230,6 +231,9 @@ class TokenStream:
             self._take(item)
         if not self._taken:
             self._raise_held_failure()
+        if at_most is not None and len(self._taken) > at_most:
+            events, self._taken = self._taken[:at_most], self._taken[at_most:]
+            return events
         return self.take_received()
 
     def take_received(self) -> list[TokenEvent]:
