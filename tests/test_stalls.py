@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
 from tests.servers import Served, demo_app, serve_on_loopback
 from tests.test_hardening import RawH2, start_server
@@ -393,3 +394,28 @@ def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(
                 await stream.aclose()
 
         trio.run(close_all)
+
+
+async def test_canary_hypercorn_releases_the_writer_of_a_stream_whose_window_is_closed() -> None:
+    # `GuardedH2Protocol._send_data` blocks a stream with no window instead of popping 0 bytes from it: in
+    # Hypercorn 0.18 an empty pop releases the app's writer, so a stream its client does not read buffers
+    # the whole response in memory and the app never blocks (no upstream issue found). When this canary
+    # fails, Hypercorn has fixed it and `_window_closed` can go.
+    from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
+    from hypercorn.trio.worker_context import EventWrapper
+
+    buffer = StreamBuffer(EventWrapper)
+    released = trio.Event()
+
+    async def write() -> None:
+        await buffer.push(b"x" * BUFFER_HIGH_WATER)  # at the high-water mark: waits for the send task
+        released.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not released.is_set()
+        assert await buffer.pop(0) == b""  # what Hypercorn's send task does when the window is 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert released.is_set(), "Hypercorn fixed the empty pop: delete GuardedH2Protocol._window_closed"
+    assert len(buffer.buffer) == BUFFER_HIGH_WATER  # released with nothing sent

@@ -41,7 +41,8 @@ the workaround can be deleted.
           GOAWAY(NO_ERROR) goes out once the connection is idle, then it closes.
         - a stream whose flow-control window is exhausted is "sent" 0 bytes, and that empty pop releases the
           app's writer (``StreamBuffer.pop``): the response piles up in memory and the app never feels
-          backpressure (no upstream issue found). Such a stream is blocked until its window reopens.
+          backpressure (no upstream issue found). Such a stream is blocked until its window reopens
+          (its canary is in ``tests/test_stalls.py``).
         - a response the app ends before its body is complete (a send timeout, the drain's deadline, a
           crash) is dropped by Hypercorn without a frame, so its client waits forever: RST_STREAM(CANCEL).
         - an answer completed before the request body ends is followed by RST_STREAM(NO_ERROR), which
