@@ -490,7 +490,7 @@ def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log.read_text()
-        if "Running on http://" in text:
+        if "Running on http" in text:  # http:// or https://
             return process, text.split("Running on ", 1)[1].split()[0], log
         if process.poll() is not None:
             break

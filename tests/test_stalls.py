@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,10 @@ import openai
 import pytest
 import trio
 import trio.testing
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
-from tests.servers import Served, demo_app, serve_on_loopback
+from tests.servers import Served, demo_app, serve_on_loopback, tls_files
 from tests.test_hardening import RawH2, start_server
 
 pytestmark = pytest.mark.socket
@@ -224,15 +227,29 @@ async def wait_for_ids(engine: Any, count: int) -> list[str]:
     return [sequence.request.request_id for sequence in engine._sequences.values()]
 
 
-async def raw_stream_request(url: str, body: dict[str, Any], rcvbuf: int | None = None) -> trio.SocketStream:
-    """An HTTP/1.1 streaming request on a raw socket (a tiny receive buffer if asked); nothing read yet."""
+async def raw_connection(
+    url: str, rcvbuf: int | None = None, tls: ssl.SSLContext | None = None, alpn: str = "http/1.1"
+) -> trio.abc.Stream:
+    """A raw connection (a tiny receive buffer if asked; TLS with ``alpn`` if given a context)."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     sock = trio.socket.socket()
     if rcvbuf is not None:
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
     await sock.connect((parts.hostname, parts.port))
-    stream = trio.SocketStream(sock)
+    if tls is None:
+        return trio.SocketStream(sock)
+    tls.set_alpn_protocols([alpn])
+    stream = trio.SSLStream(trio.SocketStream(sock), tls, server_hostname=parts.hostname)
+    await stream.do_handshake()
+    return stream
+
+
+async def raw_stream_request(
+    url: str, body: dict[str, Any], rcvbuf: int | None = None, tls: ssl.SSLContext | None = None
+) -> trio.abc.Stream:
+    """An HTTP/1.1 streaming request on a raw connection; nothing read yet."""
+    stream = await raw_connection(url, rcvbuf, tls)
     data = json.dumps(body).encode()
     head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     await stream.send_all(head.encode() + data)
@@ -242,7 +259,7 @@ async def raw_stream_request(url: str, body: dict[str, Any], rcvbuf: int | None 
 class BodyReader:
     """Reads an HTTP/1.1 response through h11: ``complete`` once its terminating chunk has arrived."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.parser = h11.Connection(h11.CLIENT)
         self.parser.send(h11.Request(method="POST", target=CHAT, headers=[("Host", "x"), ("Content-Length", "0")]))
@@ -318,8 +335,14 @@ async def test_a_slow_live_reader_is_never_cancelled_and_a_silent_one_is_aborted
 
 
 @pytest.mark.slow
-def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(tmp_path: Path) -> None:
-    process, url, log = start_server(tmp_path, GRACEFUL_TIMEOUT="4", MAX_CONCURRENT="16")
+@pytest.mark.parametrize("transport", ["plain", "tls"])
+def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(tmp_path: Path, transport: str) -> None:
+    tls: ssl.SSLContext | None = None
+    env = {"GRACEFUL_TIMEOUT": "4", "MAX_CONCURRENT": "16"}
+    if transport == "tls":
+        (certfile, keyfile), tls = tls_files(tmp_path)
+        env |= {"SSL_CERTFILE": certfile, "SSL_KEYFILE": keyfile}
+    process, url, log = start_server(tmp_path, **env)
     body = {
         "messages": MESSAGES,
         "max_tokens": 1900,
@@ -330,7 +353,8 @@ def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(
     }
     try:
         readers: list[BodyReader] = []
-        silent: list[trio.SocketStream] = []
+        silent: list[trio.abc.Stream] = []
+        silent_h2: list[trio.abc.Stream] = []
 
         async def read_slowly(reader: BodyReader, pause: float) -> None:
             while await reader.read(512) and not reader.complete:
@@ -343,14 +367,24 @@ def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(
         async def scenario() -> float:
             async with trio.open_nursery() as nursery:
                 for index in range(8):
-                    reader = BodyReader(await raw_stream_request(url, body, rcvbuf=2048))
+                    reader = BodyReader(await raw_stream_request(url, body, rcvbuf=2048, tls=tls))
                     readers.append(reader)
                     nursery.start_soon(read_slowly, reader, 0.005 + 0.045 * index / 7)
                 for _ in range(2):
-                    reader = BodyReader(await raw_stream_request(url, body))
+                    reader = BodyReader(await raw_stream_request(url, body, tls=tls))
                     readers.append(reader)
                     nursery.start_soon(read_fast, reader)
-                silent.append(await raw_stream_request(url, body, rcvbuf=2048))
+                silent.append(await raw_stream_request(url, body, rcvbuf=2048, tls=tls))
+                # An HTTP/2 client that opens a stream and never reads its connection again.
+                h2c = H2Connection(H2Configuration(client_side=True))
+                h2c.initiate_connection()
+                connection = await raw_connection(url, 2048, tls, alpn="h2")
+                silent_h2.append(connection)
+                authority = urlsplit(url).netloc
+                headers = [(":method", "POST"), (":scheme", urlsplit(url).scheme), (":authority", authority)]
+                h2c.send_headers(1, [*headers, (":path", CHAT), ("content-type", "application/json")])
+                h2c.send_data(1, json.dumps(body).encode(), end_stream=True)
+                await connection.send_all(h2c.data_to_send())
                 await trio.sleep(1.5)
                 os.kill(process.pid, signal.SIGTERM)
                 signalled = time.monotonic()
@@ -390,8 +424,9 @@ def test_sigterm_with_slow_and_silent_readers_exits_within_the_graceful_timeout(
         process.kill()
 
         async def close_all() -> None:
-            for stream in [reader.stream for reader in readers] + silent:
-                await stream.aclose()
+            for stream in [reader.stream for reader in readers] + silent + silent_h2:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.aclose()
 
         trio.run(close_all)
 
