@@ -38,8 +38,8 @@ from tests.test_hardening import RawH2, start_server
 pytestmark = pytest.mark.socket
 
 MESSAGES = [{"role": "user", "content": "hello, what is good about malaysia"}]
-SEND_TIMEOUT = 1.5
-BOUND = 16
+SEND_TIMEOUT = 3.0  # long enough that a slow machine reaches the bound first (a step can take 0.2 s here)
+BOUND = 8
 ABANDONED = ("abandoned-0", "abandoned-1", "abandoned-2")
 
 
@@ -208,7 +208,8 @@ async def test_an_http2_stream_nobody_reads_is_reset_with_cancel_and_the_connect
             held_passes = await watch_held(served.engine, (request_id,))
             other = await client.post(CHAT, short)  # the connection's other streams go on meanwhile
         assert client.reset(abandoned) == h2.errors.ErrorCodes.CANCEL
-        assert client.status(other) == 200 and client.ended(other)
+        await client.until(lambda: client.ended(other), 30)
+        assert client.status(other) == 200
         later = await client.post(CHAT, short)
         await client.until(lambda: client.ended(later), 30)
         assert json.loads(client.body(later))["choices"][0]["finish_reason"] == "length"
@@ -241,7 +242,7 @@ async def test_a_slow_live_reader_is_never_cancelled_and_a_silent_one_is_aborted
         slow = BodyReader(await raw_stream_request(served.url, body, rcvbuf=2048))
         silent = await raw_stream_request(served.url, {**body, "max_tokens": 1900}, rcvbuf=2048)
         with trio.fail_after(120):
-            while await slow.read(2048):  # a little, then a pause shorter than the send timeout
+            while await slow.read(4096):  # a little, then a pause shorter than the send timeout
                 if slow.complete:
                     break
                 await trio.sleep(SEND_TIMEOUT / 3)
