@@ -83,7 +83,9 @@ def sdk_sync_scenario(url: str) -> list[str]:
             stream.close()  # no RST_STREAM goes out (encode/httpcore#943)
 
         def create(**kwargs: Any) -> Any:
-            return client.chat.completions.create(model="m", messages=MESSAGES, **kwargs)  # type: ignore[arg-type]
+            return client.chat.completions.create(
+                model="m", messages=MESSAGES, extra_body={"ignore_eos": True}, **kwargs
+            )  # type: ignore[arg-type]
 
         finishes = [create(max_tokens=5).choices[0].finish_reason]
         finishes.append(list(create(max_tokens=5, stream=True))[-1].choices[0].finish_reason)
@@ -119,7 +121,9 @@ def sdk_async_scenario(url: str) -> list[str]:
                     await asyncio.wait_for(consume(request_id), 0.5)
 
             async def create(**kwargs: Any) -> Any:
-                result = await client.chat.completions.create(model="m", messages=MESSAGES, **kwargs)  # type: ignore[arg-type]
+                result = await client.chat.completions.create(
+                    model="m", messages=MESSAGES, extra_body={"ignore_eos": True}, **kwargs
+                )  # type: ignore[arg-type]
                 return [chunk async for chunk in result] if kwargs.get("stream") else result
 
             finishes = [(await create(max_tokens=5)).choices[0].finish_reason]
