@@ -97,6 +97,7 @@ async def serve_on_loopback(
     config.keyfile = keyfile
     config.accesslog = None
     config.graceful_timeout = 0.5
+    config.send_limits = app.send_limits  # type: ignore[attr-defined]
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         yield Served(binds[0], app)

@@ -312,3 +312,78 @@ async def test_lazy_load_happens_once_for_concurrent_first_requests(autojump_clo
         nursery.cancel_scope.cancel()
     assert loads == [1]
     assert len(results) == 3
+
+
+# -- backpressure: a stream that reads slowly (or never) holds its slot, not the device ---------------------
+
+
+async def test_a_stream_that_reads_nothing_stops_decoding_at_the_bound_and_keeps_its_kv(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runner = FakeRunner()
+    async with running_engine(runner, max_unread=4) as engine:
+        idle = engine.submit(request("idle", max_tokens=1000))
+        busy = await collect(engine, request("busy", max_tokens=20))  # the batch goes on without it
+        await trio.sleep(60)  # a minute of virtual time: nothing reads `idle`
+        idle_id = next(seq for seq, name in runner.requests.items() if name == "idle")
+        carried = sum(idle_id in p.plan.seq_ids() for p in runner.passes)
+        assert carried == 4  # its prefill's token, then 3 decode passes; none since
+        assert runner.live_sequences() == 1  # held, not released: its slot and KV wait for the reader
+        assert engine.running == 1
+        assert busy == expected("busy", 20)
+        passes_before = len(runner.passes)
+        await trio.sleep(60)
+        assert len(runner.passes) == passes_before  # a held stream alone: the step loop sleeps
+        async with idle:
+            got = [event.token.token_id for event in await idle.receive_ready()]
+            assert got == expected("idle", 4)
+            # Taking the tokens resumes it at once: the next decode step carries it again.
+            resumed_at = trio.current_time()
+            more = await idle.receive_ready()
+            assert trio.current_time() - resumed_at == pytest.approx(DECODE_SECONDS)
+            assert [event.token.token_id for event in more] == expected("idle", 5)[4:]
+        assert runner.live_sequences() == 0
+
+
+async def test_a_slow_reader_gets_every_token_at_its_own_pace(autojump_clock: trio.testing.MockClock) -> None:
+    runner = FakeRunner()
+    async with running_engine(runner, max_unread=3) as engine, engine.submit(request("slow", max_tokens=30)) as slow:
+        tokens: list[int] = []
+        reads: list[int] = []
+        started = trio.current_time()
+        while events := await slow.receive_ready():
+            tokens += [event.token.token_id for event in events]
+            reads.append(len(events))
+            await trio.sleep(1.0)  # one read a second
+    assert tokens == expected("slow", 30)
+    # The first token, then 3 a read (the bound): never cut, generation only waited for the reader.
+    assert reads == [1, *[3] * 9, 2]
+    assert trio.current_time() - started == pytest.approx(len(reads), abs=0.1)
+    assert len(runner.passes) == 30
+
+
+async def test_closing_a_held_stream_releases_its_kv_before_the_next_step(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runner = FakeRunner()
+    async with running_engine(runner, max_unread=2) as engine:
+        held = engine.submit(request("held", max_tokens=100))
+        await trio.sleep(1)
+        assert runner.live_sequences() == 1
+        other = engine.submit(request("other", max_tokens=3))
+        assert held.close()  # what a send timeout or a disconnect does
+        assert runner.live_sequences() == 0
+        async with other:
+            assert [event.token.token_id async for event in other] == expected("other", 3)
+        record = next(r for r in engine.history if r.request_id == "held")
+        assert record.outcome == "closed" and record.generated == 2
+
+
+async def test_a_stream_cut_short_drops_the_tokens_it_had_not_handed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runner = FakeRunner()
+    async with running_engine(runner, max_unread=50) as engine, engine.submit(request("cut", max_tokens=100)) as cut:
+        await trio.sleep(0.2)  # 40 tokens wait for a reader that is late
+        assert cut.close()  # the drain or a deadline ends it: its end goes out without the backlog
+        assert await cut.receive_ready() == []

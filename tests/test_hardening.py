@@ -54,7 +54,7 @@ async def running(
 ) -> AsyncIterator[str]:
     """The app behind Hypercorn configured as the CLI configures it (port 0); yields the base URL."""
     settings = app.settings.model_copy(update={"port": 0, "certfile": tls and tls[0], "keyfile": tls and tls[1]})
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings, app.send_limits)
     async with trio.open_nursery() as nursery:
         trigger = stop.wait if stop is not None else trio.sleep_forever
         binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trigger))
@@ -72,6 +72,7 @@ class RawH2:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.events: list[h2.events.Event] = []
         self.eof = False
+        self.ignored: set[int] = set()  # streams whose data is never taken (their window is never reopened)
 
     @classmethod
     async def open(cls, url: str, context: ssl.SSLContext | None = None) -> RawH2:
@@ -120,7 +121,9 @@ class RawH2:
             return
         for event in self.conn.receive_data(data):
             self.events.append(event)
-            if isinstance(event, h2.events.DataReceived) and event.stream_id in self.conn.streams:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id in self.ignored:
+                self.conn.increment_flow_control_window(event.flow_controlled_length)  # the connection's only
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id in self.conn.streams:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         try:
             await self.flush()
@@ -487,7 +490,7 @@ def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log.read_text()
-        if "Running on http://" in text:
+        if "Running on http" in text:  # http:// or https://
             return process, text.split("Running on ", 1)[1].split()[0], log
         if process.poll() is not None:
             break

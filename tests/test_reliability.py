@@ -250,7 +250,7 @@ async def test_h2_eight_streams_four_reset() -> None:
 
 @pytest.mark.socket
 async def test_slow_reader_does_not_stall_others_and_releases_its_kv() -> None:
-    app = demo_app()
+    app = demo_app(send_timeout=2.0)
     long = {"messages": user("slow"), "max_tokens": 400, "ignore_eos": True, "stream": True}
     async with serve_on_loopback(app) as served, trio.open_nursery() as nursery:
         slow = await H2Client.connect(served.url, nursery, read=False)  # 1 KiB window, never acknowledged
@@ -260,11 +260,15 @@ async def test_slow_reader_does_not_stall_others_and_releases_its_kv() -> None:
                 for _ in range(3):
                     quick = await http.post(served.url + CHAT, json={"messages": user("quick"), "max_tokens": 20})
                     assert quick.status_code == 200
-            # The stalled request finished generating: its KV is gone though its client has read 1 KiB.
+            # The stalled request stopped at the backlog bound (holding a slot, not the device) and the send
+            # timeout released it: its KV is gone though its client has read 1 KiB.
             with trio.fail_after(30):
                 while app.engine.active:
                     await trio.sleep(0.05)
         assert app.engine.runner is not None and app.engine.runner.live_sequences() == 0
+        (record,) = [r for r in app.engine.history if r.outcome == "closed"]
+        assert record.generated < 400
+        assert app.metrics.aborted.labels("stalled")._value.get() == 1
         assert len(slow.streams[stalled].data) <= 1024
         await slow.reset(stalled)
         await slow.aclose()

@@ -1,5 +1,3 @@
-import sys
+from trioserve.cli import run
 
-from trioserve.cli import main
-
-sys.exit(main())
+run()

@@ -72,6 +72,12 @@ class Settings(BaseModel):
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may take (per-request override)")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM/SIGINT")
     keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    send_timeout: float = Field(
+        30.0, gt=0, description="seconds a response may send nothing (its client reads nothing) before it is cancelled"
+    )
+    max_unread_tokens: int = Field(
+        128, ge=1, description="tokens a stream's client may leave unread before its sequence stops decoding"
+    )
     max_concurrent_streams: int = Field(
         100, ge=1, le=1000, description="HTTP/2 streams one connection may have open (more are refused)"
     )
@@ -128,6 +134,8 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "request_timeout": ("REQUEST_TIMEOUT",),
     "graceful_timeout": ("GRACEFUL_TIMEOUT",),
     "keep_alive_timeout": ("KEEP_ALIVE_TIMEOUT",),
+    "send_timeout": ("SEND_TIMEOUT",),
+    "max_unread_tokens": ("MAX_UNREAD_TOKENS",),
     "max_concurrent_streams": ("MAX_CONCURRENT_STREAMS",),
     "api_key": ("API_KEY", "API_KEYS"),
     "metrics_public": ("METRICS_PUBLIC",),

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 MAX_REPORTED_UNKNOWN = 256  # distinct unknown request field names logged (once each) per process
 
 SYSTEM_FINGERPRINT = "trioserve-0.1"
+# Tokens one chunk carries at most when a stream has fallen behind: a slow client's backlog (up to
+# --max-unread-tokens, ~2 KB a token with 20 top logprobs) goes out in bounded chunks, so a cut (the drain,
+# a deadline) is sent after at most one of them, the rest dropped, rather than after the whole backlog.
+MAX_TOKENS_PER_EVENT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +255,7 @@ class GenerationService:
         at_least = 2 if timing.first_token is not None and self.engine.behind else 1
         with trio.move_on_at(timing.deadline):
             try:
-                return await stream.receive_ready(at_least)
+                return await stream.receive_ready(at_least, MAX_TOKENS_PER_EVENT)
             except TrioserveError:
                 timing.aborted = "error"
                 raise

@@ -71,6 +71,8 @@ class Engine:
         offload: how a step is run off the event loop (tests pass one that takes virtual time).
         history: how many finished requests `history` remembers.
         on_record: called with each request's record once its KV is released (metrics).
+        max_unread: backpressure: a decoding sequence whose stream holds this many tokens it has not taken
+            is skipped by the step loop (keeping its slot and KV) until the stream takes one. None: no bound.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Engine:
         offload: Offload = run_in_thread,
         history: int = 1024,
         on_record: Callable[[RequestRecord], None] | None = None,
+        max_unread: int | None = None,
     ) -> None:
         self._load_runner = load_runner
         self._max_concurrent = max_concurrent
@@ -115,6 +118,7 @@ class Engine:
         self._step_ended = 0.0
         self.backlog = 0.0  # share of streams still holding the previous step's token as a step ends (average)
         self._outbox = Outbox()
+        self.max_unread = max_unread
 
     # -- state for /health and metrics ----------------------------------------------------------------
 
@@ -135,6 +139,11 @@ class Engine:
     @property
     def waiting(self) -> int:
         return self._scheduler.waiting if self._scheduler is not None else 0
+
+    @property
+    def held(self) -> int:
+        """Sequences not decoding because their streams' readers are behind (backpressure)."""
+        return sum(sequence.held for sequence in self._sequences.values())
 
     @property
     def active(self) -> int:
@@ -290,6 +299,25 @@ class Engine:
             self.runner.release(sequence.seq_id)
             self._record(sequence)
 
+    def resume(self, sequence: SequenceState) -> None:
+        """`StreamOwner.resume`: the next plan decides whether it is still held."""
+        sequence.held = False
+        self._wakeup.set()
+
+    def _held(self) -> set[int]:
+        """Backpressure: the sequences whose streams hold `max_unread` tokens or more, marked held. A client
+        that reads slowly (or never: an HTTP/2 stream its client forgot) then costs a slot, not compute;
+        the stream taking a token wakes the step loop (`resume`)."""
+        limit = self.max_unread
+        if limit is None:
+            return set()
+        held = set()
+        for seq_id, sequence in self._sequences.items():
+            sequence.held = sequence.unread >= limit
+            if sequence.held:
+                held.add(seq_id)
+        return held
+
     async def wait_released(self, sequence: SequenceState) -> None:
         with trio.CancelScope(shield=True):
             while sequence.release_pending:
@@ -300,7 +328,7 @@ class Engine:
     async def _step_loop(self, runner: Runner) -> None:
         assert self._scheduler is not None
         while True:
-            plan = self._scheduler.plan()
+            plan = self._scheduler.plan(self._held())
             if not plan:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
@@ -333,7 +361,7 @@ class Engine:
     def _note_cycle(self) -> None:
         """Updates `loop_lag` and `backlog` as a finished step is picked up (before its tokens go out)."""
         self.loop_lag += 0.2 * (time.perf_counter() - self._step_ended - self.loop_lag)
-        streaming = [s for s in self._sequences.values() if s.generated]
+        streaming = [s for s in self._sequences.values() if s.generated and not s.held]
         if streaming:
             late = sum(s.generated > s.taken for s in streaming) / len(streaming)
             self.backlog += 0.2 * (late - self.backlog)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 
 from trioserve.types import GenerationRequest, PrefillChunk, StepPlan
@@ -98,14 +99,18 @@ class Scheduler:
         """Forgets a sequence wherever it is; returns its entry as it was (None: unknown)."""
         return self._waiting.pop(seq_id, None) or self._running.pop(seq_id, None)
 
-    def plan(self) -> StepPlan:
-        """Admits waiters into free slots, then plans the next step (empty: nothing to do)."""
+    def plan(self, held: Container[int] = ()) -> StepPlan:
+        """Admits waiters into free slots, then plans the next step (empty: nothing to do).
+
+        ``held``: decoding sequences to skip this step (backpressure: their readers are behind); they keep
+        their slot and KV and are decoded again once no longer held.
+        """
         while self._waiting and self.running < self.max_running:
             _, entry = self._waiting.popitem(last=False)
             entry.phase = Phase.PREFILLING
             self._running[entry.seq_id] = entry
         prefill = self._plan_prefill()
-        decoding = tuple(e.seq_id for e in self._running.values() if e.phase is Phase.DECODING)
+        decoding = tuple(e.seq_id for e in self._running.values() if e.phase is Phase.DECODING and e.seq_id not in held)
         if self.batch_size == 1 and decoding:
             self._turn %= len(decoding)
             decoding = (decoding[self._turn],)

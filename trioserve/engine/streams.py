@@ -25,6 +25,10 @@ class StreamOwner(Protocol):
         """Returns once the runner has dropped the sequence's KV (at most the rest of one step)."""
         ...
 
+    def resume(self, sequence: SequenceState) -> None:
+        """The stream of a sequence held back (too many unread tokens) has taken some: decode it again."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
@@ -70,6 +74,12 @@ class SequenceState:
     cached_tokens: int = 0  # prompt tokens the runner took from the prefix cache (known after its first chunk)
     outcome: str | None = None  # set once the sequence has left the engine
     release_pending: bool = False  # left during a step; the runner forgets it when that step returns
+    held: bool = False  # skipped by the step loop: its stream holds too many unread tokens (backpressure)
+
+    @property
+    def unread(self) -> int:
+        """Tokens generated that its stream has not taken yet (waiting in the channel or the outbox)."""
+        return self.generated - self.taken
 
 
 class Outbox:
@@ -155,10 +165,26 @@ class TokenStream:
         """Releases the sequence; True if it was still live (i.e. this call cut it short). Iteration then
         ends (without a finish reason, if the sequence had not finished).
 
+        A stream cut short drops the tokens it had not handed out yet: whoever cut it (the drain, a
+        deadline) wants its end out now, not after a backlog a slow client would take long to read.
+
         If a step carrying the sequence is running, its KV is dropped the moment that step returns; use
         ``async with`` (or `aclose`) to also wait for that.
         """
-        return self._owner.leave(self._sequence, "closed")
+        cut = self._owner.leave(self._sequence, "closed")
+        if cut:
+            self._drop_unread()
+        return cut
+
+    def _drop_unread(self) -> None:
+        self._taken.clear()
+        while True:
+            try:
+                item = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if isinstance(item, TrioserveError):
+                self._failure = item
 
     async def aclose(self) -> None:
         """`close`, then wait until the KV is actually gone (at most the rest of one step; shielded)."""
@@ -184,16 +210,18 @@ class TokenStream:
             raise StopAsyncIteration from None
         if isinstance(item, TrioserveError):
             raise item
+        self._note_taken()
         return item
 
-    async def receive_ready(self, at_least: int = 1) -> list[TokenEvent]:
+    async def receive_ready(self, at_least: int = 1, at_most: int | None = None) -> list[TokenEvent]:
         """Waits for events, then takes every event already waiting too, in order; an empty list at the
         end of the stream. Returns once it holds ``at_least`` events, or the sequence has finished, ended
         or failed.
 
         A consumer that fell behind (a slow client, a busy event loop) thus catches up in one go and can
-        send what it took as one chunk. Events taken before a cancellation (a deadline) are not lost: the
-        next call, or `take_received`, returns them.
+        send what it took as one chunk; ``at_most`` bounds that chunk (the rest stays for the next call).
+        Events taken before a cancellation (a deadline) are not lost: the next call, or `take_received`,
+        returns them.
 
         Raises:
             GenerationFailed: the forward pass carrying this sequence failed (once the events before the
@@ -210,6 +238,9 @@ class TokenStream:
             self._take(item)
         if not self._taken:
             self._raise_held_failure()
+        if at_most is not None and len(self._taken) > at_most:
+            events, self._taken = self._taken[:at_most], self._taken[at_most:]
+            return events
         return self.take_received()
 
     def take_received(self) -> list[TokenEvent]:
@@ -228,7 +259,13 @@ class TokenStream:
             self._failure = item  # raised once the events before it have been handed out
         else:
             self._taken.append(item)
-            self._sequence.taken += 1
+            self._note_taken()
+
+    def _note_taken(self) -> None:
+        sequence = self._sequence
+        sequence.taken += 1
+        if sequence.held:
+            self._owner.resume(sequence)
 
     def _drain(self) -> None:
         receive_nowait = self._receive.receive_nowait

@@ -44,6 +44,7 @@ from trioserve.server.httpio import (
 )
 from trioserve.server.metrics import CONTENT_TYPE, Metrics
 from trioserve.server.openapi import openapi_document
+from trioserve.server.sendguard import SendLimits
 from trioserve.server.sse import ChunkEncoder, sse_event
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class TrioserveApp(QuartTrio):
     settings: Settings
     draining: bool = False
     engine_scope: trio.CancelScope | None = None  # the engine's step loop, once serving
+    send_limits: SendLimits  # every connection's writes; Hypercorn's config carries it (cli.hypercorn_config)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -84,6 +86,8 @@ class TrioserveApp(QuartTrio):
             return
         logger.info("draining: %d request(s) in flight", self.engine.active)
         self.draining = True
+        # The graceful timeout is a hard bound: from then on no write waits for its client (`sendguard`).
+        self.send_limits.end_by(trio.current_time() + self.settings.graceful_timeout)
         nursery: trio.Nursery | None = getattr(self, "nursery", None)
         if nursery is not None:
             timeout = self.settings.graceful_timeout
@@ -122,12 +126,17 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     app.settings = settings
     app.metrics = metrics or Metrics()
     app.metrics.watch(engine)
+    app.send_limits = SendLimits(settings.send_timeout)
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does; deadlines are ours
     app.config["BODY_TIMEOUT"] = 60
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
+    send_timeout = settings.send_timeout
+
     class Connection(TrioserveConnection):
         on_request_end = staticmethod(lambda state, ended: _request_ended(app, state, ended))
+
+    Connection.send_timeout = send_timeout
 
     app.asgi_http_class = Connection
     chat = ChatService(

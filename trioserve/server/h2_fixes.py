@@ -172,12 +172,27 @@ class GuardedH2Protocol(H2Protocol):
             with contextlib.suppress(MissingStreamError):
                 self.priority.remove_stream(stream_id)
             return
+        if self._window_closed(stream_id):
+            # Hypercorn pops 0 bytes here, and an empty pop releases the app's writer (`StreamBuffer.pop`
+            # sets `_paused`): a stream its client does not read buffered the whole response in memory,
+            # and the app never felt backpressure. Blocked instead until a WINDOW_UPDATE unblocks it.
+            self.priority.block(stream_id)
+            return
         with contextlib.suppress(KeyError):  # forgotten (reset) while this task was flushing
             await super()._send_data(stream_id)
         if stream_id not in self.stream_buffers:
             # This task just ended the stream: if that was an early answer, the client is still sending.
             # (`_end_early_answer` covers the other order, when the app's close comes first.)
             await self._reset_if_still_receiving(stream_id)
+
+    def _window_closed(self, stream_id: int) -> bool:
+        """Whether the stream has data waiting and its client's flow-control window has no room for any."""
+        if not self.stream_buffers[stream_id].buffer:
+            return False
+        try:
+            return self.connection.local_flow_control_window(stream_id) <= 0
+        except (h2.exceptions.ProtocolError, KeyError):
+            return False  # the stream is gone: Hypercorn's own path drops its buffer
 
     async def _reset_if_still_receiving(self, stream_id: int) -> None:
         stream = self.connection.streams.get(stream_id)
@@ -190,12 +205,29 @@ class GuardedH2Protocol(H2Protocol):
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, StreamClosed):
             with trio.CancelScope(shield=True):  # as in RecyclingH11Protocol: runs in the app's task
+                await self._cancel_unfinished(event.stream_id)
                 await self._end_early_answer(event.stream_id)
                 await super().stream_send(event)
                 if self.retiring and self.idle:
                     await self._goaway_and_close()
             return
         await super().stream_send(event)
+
+    async def _cancel_unfinished(self, stream_id: int) -> None:
+        """The app ended before its response did (a send timeout, the drain's deadline, a crash): reset the
+        stream with CANCEL, so the client knows the answer is cut, and drop what waits in its send buffer.
+
+        Hypercorn forgets such a stream without a frame: the client would wait for the rest forever, and
+        the buffer, blocked on the stream's window, would stay for the connection's life.
+        """
+        stream = self.connection.streams.get(stream_id)
+        buffer = self.stream_buffers.get(stream_id)
+        if stream is None or buffer is None or buffer._complete or stream.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await self._forget(stream_id)
+        await self._flush()
 
     async def _end_early_answer(self, stream_id: int) -> None:
         """After a complete answer, RST_STREAM(NO_ERROR) if the client is still sending its body."""

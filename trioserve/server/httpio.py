@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from trioserve.api.replies import dump
 from trioserve.api.serving import RequestTiming
 from trioserve.engine.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
+from trioserve.server.sendguard import STALLED_KEY
 from trioserve.server.sse import sse_event as sse_event  # SSE framing lives in trioserve.server.sse; re-exported
 
 logger = logging.getLogger("trioserve")
@@ -54,7 +56,7 @@ class RequestState:
     disconnected: bool = False
     status: int = 0
     timing: RequestTiming | None = None
-    abort_reason: str | None = None  # disconnect, deadline, drain, error
+    abort_reason: str | None = None  # disconnect, stalled, deadline, drain, error
     cut_short: bool = False  # a stream was still live when the request ended (closed by the safety net)
     streams: list[TokenStream] = field(default_factory=list)
 
@@ -62,12 +64,23 @@ class RequestState:
         self.streams.append(stream)
         return stream
 
-    def note_disconnect(self) -> None:
+    def note_disconnect(self, send_timeout: float = math.inf, *, stalled: bool = False) -> None:
+        """The client went away (``stalled``: the server aborted its connection, see `sendguard`)."""
         self.disconnected = True
+        if stalled:
+            self.note_stall(send_timeout)
+            return
         for stream in self.streams:
             if not stream.finished:
                 logger.warning("cancelling %s: client disconnected", stream.request_id)
                 self.abort_reason = self.abort_reason or "disconnect"
+
+    def note_stall(self, send_timeout: float) -> None:
+        """The client took nothing for the send timeout: cancelled like a disconnect, counted as stalled."""
+        self.abort_reason = "stalled"
+        logger.warning(
+            "cancelling %s: stalled: its client took nothing for %gs (send timeout)", self.request_id, send_timeout
+        )
 
     def close_all(self) -> bool:
         """Safety net: closes every stream this request opened; True if one was still live."""
@@ -82,9 +95,19 @@ RequestEnded = Callable[[RequestState, float], None]
 
 
 class TrioserveConnection(TrioASGIHTTPConnection):
-    """quart-trio's HTTP connection, plus disconnect bookkeeping, stream ownership and the access log."""
+    """quart-trio's HTTP connection, plus disconnect bookkeeping, stream ownership, the access log, and the
+    send timeout of HTTP/2 streams.
+
+    An HTTP/2 stream whose client stops reading it blocks our writes on its flow-control window while the
+    connection lives on (httpx/httpcore forget a stream they close early without resetting it:
+    encode/httpcore#943), so the transport sees nothing wrong: each body write of an HTTP/2 response is
+    bounded here by ``send_timeout``, after which the request is cancelled and its stream reset
+    (`GuardedH2Protocol`). HTTP/1.1 writes are bounded where they block, in the transport (`sendguard`).
+    """
 
     on_request_end: RequestEnded | None = None
+    send_timeout: float = math.inf
+    _nursery: trio.Nursery | None = None
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         client_id = _incoming_request_id(self.scope)
@@ -92,9 +115,14 @@ class TrioserveConnection(TrioASGIHTTPConnection):
         state.client_request_id = client_id
         self.scope[STATE_KEY] = state  # type: ignore[literal-required]
 
+        bounded = self.scope.get("http_version") == "2"
+
         async def send_and_note_status(event: ASGISendEvent) -> None:
             if event["type"] == "http.response.start":
                 state.status = event["status"]
+            elif event["type"] == "http.response.body":
+                await self._send_body(state, send, event, bounded)
+                return
             await send(event)
 
         try:
@@ -106,13 +134,26 @@ class TrioserveConnection(TrioASGIHTTPConnection):
             if self.on_request_end is not None:
                 self.on_request_end(state, ended)
 
+    async def _send_body(
+        self, state: RequestState, send: ASGISendCallable, event: ASGISendEvent, bounded: bool
+    ) -> None:
+        if not bounded:
+            await send(event)
+            return
+        with trio.move_on_after(self.send_timeout) as bound:
+            await send(event)
+        if bound.cancelled_caught and self._nursery is not None:
+            state.note_stall(self.send_timeout)
+            self._nursery.cancel_scope.cancel()
+
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Any, receive: ASGIReceiveCallable
     ) -> None:
+        self._nursery = nursery
         # Returns only on http.disconnect: the response finishing cancels this task instead.
         await ASGIHTTPConnection.handle_messages(self, request, receive)
         state: RequestState = self.scope[STATE_KEY]  # type: ignore[literal-required]
-        state.note_disconnect()
+        state.note_disconnect(self.send_timeout, stalled=bool(self.scope.get(STALLED_KEY)))
         nursery.cancel_scope.cancel()
 
 

@@ -11,6 +11,9 @@ the workaround can be deleted.
         - an exception in one connection's tasks (an HTTP/2 priority-tree overflow, a KeyError on a dropped
           stream) propagates into the server's nursery and ends the process: contained to the connection,
           which is closed (pgjones/hypercorn#197, #329: one connection's error ends the server).
+        - (issues #23, #24) Hypercorn's writes are shielded and unbounded: a client that stops reading holds
+          its request, and at shutdown the process, forever. Every write is bounded by the send timeout
+          and the drain's deadline, and a stalled connection is aborted (`trioserve.server.sendguard`).
         - closing while the client is still sending (an early 413) makes the kernel reset the connection,
           so the client may never read the response: half-close, then discard what still arrives, bounded
           in bytes and time, before closing (RFC 9112 §9.6 "tear-down"; nginx's lingering_close).
@@ -36,6 +39,12 @@ the workaround can be deleted.
           with NO_ERROR (which no client retries) or sends a GOAWAY while streams still run (which h2-based
           clients such as httpx cannot survive): new streams are refused with REFUSED_STREAM, and
           GOAWAY(NO_ERROR) goes out once the connection is idle, then it closes.
+        - a stream whose flow-control window is exhausted is "sent" 0 bytes, and that empty pop releases the
+          app's writer (``StreamBuffer.pop``): the response piles up in memory and the app never feels
+          backpressure (no upstream issue found). Such a stream is blocked until its window reopens
+          (its canary is in ``tests/test_stalls.py``).
+        - a response the app ends before its body is complete (a send timeout, the drain's deadline, a
+          crash) is dropped by Hypercorn without a frame, so its client waits forever: RST_STREAM(CANCEL).
         - an answer completed before the request body ends is followed by RST_STREAM(NO_ERROR), which
           releases the client's upload (RFC 9113 §8.1), whichever comes first: the app's close or the send
           task's end of the stream (trio may run either first).
@@ -62,6 +71,7 @@ from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from trioserve.server.h2_fixes import GuardedH2Protocol
+from trioserve.server.sendguard import STALLED_KEY, GuardedSocketStream, SendLimits, limit_unsent
 
 logger = logging.getLogger("trioserve")
 
@@ -74,8 +84,27 @@ class ContainedTCPServer(TCPServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Every write bounded by the send timeout and the drain's deadline (see `sendguard`); the server's
+        # `SendLimits` ride on Hypercorn's config (`cli.hypercorn_config`), unbounded where none is set.
+        limits = getattr(self.config, "send_limits", None) or SendLimits()
+        if isinstance(self.stream, trio.SocketStream):
+            limit_unsent(self.stream.socket)
+            self.stream = GuardedSocketStream(self.stream, limits, self._mark_stalled)
+        elif isinstance(self.stream, trio.SSLStream) and isinstance(self.stream.transport_stream, trio.SocketStream):
+            limit_unsent(self.stream.transport_stream.socket)
+            self.stream.transport_stream = GuardedSocketStream(self.stream.transport_stream, limits, self._mark_stalled)  # type: ignore[assignment]
         self._reading = False
         self._linger_deadline = math.inf  # finite once the protocol asked to close while the reader runs
+
+    def _mark_stalled(self) -> None:
+        """Marks the ASGI scope of every request on this connection: the abort that is about to end them is a
+        stall (`sendguard`), which the app counts as such (`TrioserveConnection`), not a client's close."""
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        streams = [*getattr(protocol, "streams", {}).values(), getattr(protocol, "stream", None)]
+        for stream in streams:
+            scope = getattr(stream, "scope", None)
+            if isinstance(scope, dict):
+                scope[STALLED_KEY] = True
 
     async def run(self) -> None:
         try:
@@ -110,7 +139,7 @@ class ContainedTCPServer(TCPServer):
         Hypercorn's path it would hold the loop for as long as it has data and window. (Tried: with
         `GuardedH2Protocol` ending early answers from the send task too, the suite passes with it on.)
         """
-        if self.send_lock.locked() or not isinstance(self.stream, trio.SocketStream):
+        if self.send_lock.locked() or not isinstance(self.stream, GuardedSocketStream):
             return 0
         if not isinstance(getattr(self.protocol, "protocol", None), H11Protocol):
             return 0  # HTTP/2: see above

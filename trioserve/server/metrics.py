@@ -15,7 +15,7 @@ from trioserve.api.serving import RequestTiming
 from trioserve.engine.engine import Engine, RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ABORT_REASONS = ("disconnect", "deadline", "drain", "error")
+ABORT_REASONS = ("disconnect", "stalled", "deadline", "drain", "error")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -29,6 +29,11 @@ class _EngineGauges(Collector):
         runner = engine.runner
         yield GaugeMetricFamily("trioserve_requests_running", "Requests holding a slot.", value=engine.running)
         yield GaugeMetricFamily("trioserve_requests_waiting", "Requests queued for a slot.", value=engine.waiting)
+        yield GaugeMetricFamily(
+            "trioserve_requests_held",
+            "Requests holding a slot but not decoding: their clients have not read --max-unread-tokens tokens.",
+            value=engine.held,
+        )
         yield GaugeMetricFamily(
             "trioserve_kv_tokens",
             "Token positions held in KV caches (padding included).",
