@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from trioserve.api.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
+from trioserve.api.validation import WireModel
 from trioserve.errors import InvalidRequest
 from trioserve.types import OutputSchema, SamplingParams
 
@@ -24,13 +25,13 @@ MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue pl
 # -- requests -------------------------------------------------------------------------------------------
 
 
-class TextPart(BaseModel):
+class TextPart(WireModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(WireModel):
     """One message. ``content`` is a string or an array of text parts (joined with no separator)."""
 
     model_config = ConfigDict(extra="allow")
@@ -63,6 +64,27 @@ class ChatMessage(BaseModel):
         return message
 
 
+def check_contents(messages: list[ChatMessage]) -> None:
+    """Every message has ``content``, except an assistant turn that made calls (as OpenAI requires).
+
+    Raises:
+        InvalidRequest: a message without content; ``param`` is its path (``messages.0.content``).
+    """
+    for index, message in enumerate(messages):
+        calls = message.tool_calls or (message.model_extra or {}).get("function_call")
+        if message.content is None and not (message.role == "assistant" and calls):
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages[{index}].content'"
+                + (
+                    " (an assistant message may omit it only when it has tool_calls)"
+                    if message.role == "assistant"
+                    else ""
+                ),
+                param=f"messages.{index}.content",
+                code="missing_required_parameter",
+            )
+
+
 def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
     """Chat templates expect a call's arguments as a mapping; OpenAI sends them as JSON text."""
     function = call.get("function")
@@ -75,12 +97,12 @@ def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(WireModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(WireModel):
     """``response_format.json_schema``: the schema the output must match, with OpenAI's naming rules."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -90,7 +112,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None  # true: keywords the compiler cannot enforce are a 400, not ignored
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(WireModel):
     """``response_format``: free text, any JSON object, or JSON matching a schema; enforced while sampling."""
 
     model_config = ConfigDict(extra="forbid")
@@ -114,7 +136,7 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(WireModel):
     """Fields shared by chat and legacy completions."""
 
     model_config = ConfigDict(extra="allow")
@@ -237,6 +259,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
         # InvalidRequest rather than ValueError: pydantic would report these at the body, not the field.
+        check_contents(self.messages)
         choice, forced = self.tool_choice, self.forced_tools()
         if choice == "required" and not self.tools:
             raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")

@@ -247,7 +247,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         try:
             body = model.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         time_limit = _request_timeout(settings, body)
         prepared = await service.prepare(body, request_id=state.client_request_id, time_limit=time_limit)  # type: ignore[arg-type]
         state.request_id = prepared.completion_id  # logs and X-Request-Id then match the completion's id
@@ -294,10 +294,11 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        raw = await read_json(settings.max_body_bytes)
         try:
-            body = ResponsesRequest.model_validate(await read_json(settings.max_body_bytes))
+            body = ResponsesRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         turn = responses.translate(body)
         prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat))
         state.request_id = state.client_request_id or prepared.response_id
@@ -342,15 +343,16 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         try:
             body = tokenize_request(raw).model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         return json_response(await tokens.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize() -> Response:
+        raw = await read_json(settings.max_body_bytes)
         try:
-            body = DetokenizeRequest.model_validate(await read_json(settings.max_body_bytes))
+            body = DetokenizeRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         return json_response(await tokens.detokenize(body))
 
     return app

@@ -26,6 +26,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from trioserve.api.replies import dump
 from trioserve.api.serving import RequestTiming
+from trioserve.api.validation import invalid_request
 from trioserve.engine.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
 from trioserve.server.sse import sse_event as sse_event  # SSE framing lives in trioserve.server.sse; re-exported
@@ -176,11 +177,9 @@ async def read_json(max_body_bytes: int) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return InvalidRequest(message, param=param, code="invalid_value" if param else None)
+def validation_error(exc: ValidationError, raw: Any) -> InvalidRequest:
+    """The 400 for a body (``raw``) its wire model rejected, naming the field (`api.validation`)."""
+    return invalid_request(exc, raw)
 
 
 def _presented_key() -> bytes:
