@@ -19,6 +19,16 @@ from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+GUIDED_FIELDS = frozenset(
+    {
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+    }
+)
 MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue place
 
 
@@ -136,6 +146,66 @@ class ResponseFormat(WireModel):
         return None
 
 
+class StructuredOutputs(WireModel):
+    """``structured_outputs`` (vLLM's extension, which replaced its ``guided_*`` fields): one of a JSON schema,
+    any JSON object, a regular expression, a list of choices, or a grammar (Lark or GBNF), enforced while
+    sampling as ``response_format`` is. vLLM's tuning options are accepted and have no effect here."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    # vLLM's options for its own backends.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+    def output_schema(self) -> OutputSchema:
+        """The shape the output must have.
+
+        Raises:
+            InvalidRequest: none or more than one shape was given, the JSON text does not parse, or a
+                structural tag (not supported by this server) was asked for.
+        """
+        if self.structural_tag is not None:
+            raise InvalidRequest(
+                "structured_outputs.structural_tag is not supported by this server",
+                param="structured_outputs.structural_tag",
+            )
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, _attr(name)) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequest(
+                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object"
+                + (f"; got {', '.join(given)}" if given else ""),
+                param="structured_outputs",
+            )
+        param = f"structured_outputs.{given[0]}"
+        if self.json_object:
+            return OutputSchema({"type": "object"}, param=param)
+        if self.json_ is not None:
+            schema = self.json_
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
+                if not isinstance(schema, dict | bool):
+                    raise InvalidRequest(f"{param} must be a JSON schema (an object)", param=param)
+            return OutputSchema(schema if isinstance(schema, dict) else {}, param=param)
+        if self.choice is not None:
+            return OutputSchema(choice=tuple(self.choice), param=param)
+        return OutputSchema(regex=self.regex, grammar=self.grammar, param=param)
+
+
+def _attr(name: str) -> str:
+    return "json_" if name == "json" else name
+
+
 class _SamplingFields(WireModel):
     """Fields shared by chat and legacy completions."""
 
@@ -163,6 +233,7 @@ class _SamplingFields(WireModel):
     ignore_eos: bool = False
     truncate: Annotated[int, Field(ge=1)] | None = None  # keep only the last N prompt tokens (old server)
     request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; capped by the server's
+    structured_outputs: StructuredOutputs | None = None  # vLLM's: regex, choice, grammar, json
 
     @field_validator("stop")
     @classmethod
@@ -175,9 +246,15 @@ class _SamplingFields(WireModel):
     def _check_schema_and_eos(self) -> _SamplingFields:
         # The grammar ends the output with EOS once the value is complete; ignoring EOS would run past it.
         # (InvalidRequest rather than ValueError: pydantic would report it at the body, not the field.)
+        for name in sorted(self.model_extra or {}):
+            if name in GUIDED_FIELDS:  # ignoring one would hand back unconstrained text the client trusts
+                raise InvalidRequest(
+                    f"{name} is vLLM's old field, which vLLM removed: use structured_outputs", param=name
+                )
         if self.ignore_eos and self.output_schema() is not None:
             raise InvalidRequest(
-                "ignore_eos cannot be combined with a JSON response_format or a forced tool_choice", param="ignore_eos"
+                "ignore_eos cannot be combined with a JSON response_format, structured_outputs or a forced tool_choice",
+                param="ignore_eos",
             )
         return self
 
@@ -198,8 +275,19 @@ class _SamplingFields(WireModel):
         return sorted(self.model_extra or {})
 
     def output_schema(self) -> OutputSchema | None:
-        """The schema the output must match (None: free text)."""
-        return self.response_format.output_schema() if self.response_format is not None else None
+        """The shape the output must have (None: free text): ``response_format`` or ``structured_outputs``.
+
+        Raises:
+            InvalidRequest: both were given, or ``structured_outputs`` is not one shape.
+        """
+        answer = self.response_format.output_schema() if self.response_format is not None else None
+        if self.structured_outputs is not None:
+            if answer is not None:
+                raise InvalidRequest(
+                    "structured_outputs cannot be combined with a JSON response_format", param="structured_outputs"
+                )
+            return self.structured_outputs.output_schema()
+        return answer
 
     def to_sampling_params(
         self,
