@@ -24,6 +24,7 @@ from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from trioserve.api.anthropic.protocol import MESSAGES_PATHS, error_body
 from trioserve.api.replies import dump
 from trioserve.api.serving import RequestTiming
 from trioserve.api.validation import invalid_request
@@ -40,7 +41,9 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx and friends: pass chunks on at once
 }
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Request-Timeout"
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Request-Timeout, x-api-key, anthropic-version, anthropic-beta"
+)
 
 
 @dataclass(eq=False)
@@ -150,10 +153,11 @@ def current_state() -> RequestState:
     return state
 
 
-def error_response(error: TrioserveError) -> Response:
-    return Response(
-        json.dumps(error.to_dict()), status=error.status, headers=error.headers(), content_type="application/json"
-    )
+def error_response(error: TrioserveError, status: int | None = None) -> Response:
+    """The error as OpenAI's error object, or as Anthropic's on the Messages API's paths."""
+    status = status or error.status
+    body = error_body(error, status) if request.path in MESSAGES_PATHS else error.to_dict()
+    return Response(json.dumps(body), status=status, headers=error.headers(), content_type="application/json")
 
 
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
@@ -183,9 +187,12 @@ def validation_error(exc: ValidationError, raw: Any) -> InvalidRequest:
 
 
 def _presented_key() -> bytes:
+    """The Bearer token, else the ``x-api-key`` header (what Anthropic's SDKs send)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip().encode() if scheme.lower() == "bearer" else b""
+    if scheme.lower() == "bearer":
+        return token.strip().encode()
+    return request.headers.get("x-api-key", "").strip().encode()
 
 
 def has_api_key(keys: Sequence[str]) -> bool:
@@ -206,7 +213,7 @@ def check_api_key(keys: Sequence[str]) -> None:
         raise AuthenticationFailed(
             "Incorrect API key provided."
             if _presented_key()
-            else "Missing API key: send 'Authorization: Bearer <key>'."
+            else "Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
         )
 
 
