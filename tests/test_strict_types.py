@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from quart.typing import TestClientProtocol as Client
 
 from tests.servers import demo_app
+from trioserve.api.anthropic.protocol import MessagesRequest
 from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from trioserve.api.responses.protocol import ResponsesRequest
 from trioserve.api.tokens import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
@@ -54,7 +55,52 @@ ROUTES: list[tuple[str, type[BaseModel], list[dict[str, Any]]]] = [
             {"messages": USER, "tools": [TOOL], "tool_choice": TOOL_CHOICE},
         ],
     ),
-    ("/v1/completions", CompletionRequest, [{"prompt": "hi", "response_format": {"type": "json_object"}}]),
+    (
+        "/v1/completions",
+        CompletionRequest,
+        [
+            {"prompt": "hi", "response_format": {"type": "json_object"}},
+            {"prompt": "hi", "structured_outputs": {"regex": "a", "disable_fallback": True, "whitespace_pattern": " "}},
+        ],
+    ),
+    (
+        "/v1/messages",
+        MessagesRequest,
+        [
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "thinking", "thinking": "t", "signature": ""},
+                            {"type": "text", "text": "a"},
+                            {"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "t1", "content": "r", "is_error": False},
+                            {"type": "text", "text": "go on"},
+                        ],
+                    },
+                ],
+                "system": [{"type": "text", "text": "s"}],
+                "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+                "tool_choice": {"type": "auto", "disable_parallel_tool_use": False},
+                "thinking": {"type": "disabled"},
+                "metadata": {"user_id": "u"},
+                "stop_sequences": ["zz"],
+                "temperature": 0.5,
+                "top_k": 5,
+                "top_p": 0.9,
+                "stream": False,
+            }
+        ],
+    ),
     (
         "/v1/responses",
         ResponsesRequest,
@@ -101,10 +147,12 @@ def json_types(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
 def object_schema(schema: dict[str, Any], root: dict[str, Any], value: Any) -> dict[str, Any] | None:
     """The member of ``schema`` describing ``value`` where it is an object with declared properties."""
     schema = _resolve(schema, root)
-    for member in schema.get("anyOf", [schema]):
+    for member in schema.get("anyOf", schema.get("oneOf", [schema])):
         member = _resolve(member, root)
         if isinstance(value, dict) and "properties" in member:
-            return member
+            tag = member["properties"].get("type", {}).get("const")
+            if tag is None or tag == value.get("type"):  # a union discriminated by "type": the member it names
+                return member
         if isinstance(value, list) and "items" in member and value:
             return member
     return None
@@ -162,6 +210,9 @@ def test_the_cases_reach_every_field_of_every_request_model() -> None:
         (CompletionRequest, {"prompt", "echo", "logit_bias", "response_format.type"}),
         (ResponsesRequest, {"stream", "input", "text.format.strict", "reasoning.effort", "metadata"}),
         (TokenizeChatRequest, {"messages.1.content.0.text", "tools.0.type"}),
+        (CompletionRequest, {"structured_outputs.regex", "structured_outputs.choice", "structured_outputs.json"}),
+        (MessagesRequest, {"max_tokens", "stream", "messages.1.content.2.input", "messages.2.content.0.is_error"}),
+        (MessagesRequest, {"system.0.text", "tools.0.input_schema", "tool_choice.disable_parallel_tool_use"}),
     ):
         assert {(model, name) for name in names} <= reached
     assert len(CASES) > 300
@@ -184,7 +235,7 @@ async def test_every_wrong_json_type_is_a_400_naming_the_field(
     client: Client, route: str, model: type[BaseModel], bodies: list[dict[str, Any]]
 ) -> None:
     for body in bodies:  # the valid bodies are served
-        status, reply = await post(client, route, body | ({"max_tokens": 1} if "completions" in route else {}))
+        status, reply = await post(client, route, {"max_tokens": 1} | body if "completions" in route else body)
         assert status == 200, reply
     failures = []
     for case_route, case_model, body, path, wrong in CASES:
@@ -192,7 +243,9 @@ async def test_every_wrong_json_type_is_a_400_naming_the_field(
             continue
         status, reply = await post(client, route, with_value(body, path, SAMPLES[wrong]))
         error = reply.get("error", {}) if isinstance(reply, dict) else {}
-        if status != 400 or error.get("param") != dotted(path) or error.get("type") != "invalid_request_error":
+        # Anthropic's errors have no param: its message starts with the field's path.
+        named = error.get("param") or str(error.get("message", "")).split(":")[0]
+        if status != 400 or named != dotted(path) or error.get("type") != "invalid_request_error":
             failures.append((dotted(path), wrong, status, error))
     assert not failures
 

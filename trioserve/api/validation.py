@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from trioserve.errors import InvalidRequest
 
@@ -44,7 +45,7 @@ def invalid_request(exc: ValidationError, raw: Any) -> InvalidRequest:
     ``content.0.type`` wrong in the list): the deepest path is the one that tells the client what to fix.
     All the ways that field failed are said, once each.
     """
-    failures = [(field_path(e["loc"], raw, missing=e["type"] == "missing"), e["msg"]) for e in exc.errors()]
+    failures = [(_path_of(error, raw), error["msg"]) for error in exc.errors()]
     param = max((path for path, _ in failures), key=lambda path: path.count(".") + bool(path))
     message = "; or ".join(dict.fromkeys(msg for path, msg in failures if path == param))
     if not param:
@@ -52,11 +53,20 @@ def invalid_request(exc: ValidationError, raw: Any) -> InvalidRequest:
     return InvalidRequest(f"{param}: {message}", param=param, code="invalid_value")
 
 
+def _path_of(error: ErrorDetails, raw: Any) -> str:
+    path = field_path(error["loc"], raw, missing=error["type"] == "missing")
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a union discriminated by a field:
+        tag = str((error.get("ctx") or {}).get("discriminator", "")).strip("'")  # that field is what is wrong
+        path = f"{path}.{tag}" if path and tag else path or tag
+    return path
+
+
 def field_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool = False) -> str:
     """The dotted path in ``raw`` that pydantic's error location ``loc`` points at.
 
     Parts that are no key or index of the body at that point (a union member's tag, ``[key]``) are
-    dropped; a missing field (``missing``) is kept as the last part.
+    dropped, and so is the tag of a union discriminated by ``type`` where it is also a field's name (a
+    ``text`` block's ``text``); a missing field (``missing``) is kept as the last part.
     """
     path: list[str] = []
     current = raw
@@ -65,6 +75,9 @@ def field_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool = False) -
             path.append(str(part))
             current = current[part]
         elif isinstance(part, str) and isinstance(current, dict) and part in current:
+            following = loc[index + 1] if index + 1 < len(loc) else None
+            if current.get("type") == part and isinstance(following, str) and following in current:
+                continue  # the tag of a union discriminated by "type" that is also a field's name ("text")
             path.append(part)
             current = current[part]
         elif isinstance(part, str) and missing and index == len(loc) - 1:
