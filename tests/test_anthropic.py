@@ -246,6 +246,30 @@ def test_bad_requests_are_anthropic_errors(
     assert caught.value.status_code == status and caught.value.body == error
 
 
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+        ({"tools": [{"name": "f", "input_schema": {"type": "wat"}}]}, "tools[0].input_schema"),
+        ({"tools": [{"name": "bad name!", "input_schema": {}}]}, "tools.0.name"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content.0.text"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 10**6}, "messages"),  # context_length_exceeded
+    ],
+)
+def test_errors_name_the_field_as_this_api_names_it(served: Served, body: dict[str, Any], named: str) -> None:
+    request = {"model": "m", "max_tokens": 5, "messages": USER} | body
+    reply = httpx.post(served.url + "/v1/messages", json=request, headers={"x-api-key": KEY}, timeout=60)
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert named in message and "function." not in message and "max_completion_tokens" not in message, message
+
+
+def test_unknown_paths_under_messages_are_anthropic_errors(served: Served) -> None:
+    reply = httpx.post(served.url + "/v1/messages/batches", json={}, headers={"x-api-key": KEY}, timeout=60)
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found_error"
+
+
 def test_auth_with_x_api_key_or_bearer(served: Served) -> None:
     with (
         anthropic.Anthropic(api_key="wrong", base_url=served.url, max_retries=0) as wrong,

@@ -24,7 +24,7 @@ from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from trioserve.api.anthropic.protocol import MESSAGES_PATHS, error_body
+from trioserve.api.anthropic.protocol import error_body, is_messages_path
 from trioserve.api.replies import dump
 from trioserve.api.serving import RequestTiming
 from trioserve.api.validation import invalid_request
@@ -156,7 +156,7 @@ def current_state() -> RequestState:
 def error_response(error: TrioserveError, status: int | None = None) -> Response:
     """The error as OpenAI's error object, or as Anthropic's on the Messages API's paths."""
     status = status or error.status
-    body = error_body(error, status) if request.path in MESSAGES_PATHS else error.to_dict()
+    body = error_body(error, status) if is_messages_path(request.path) else error.to_dict()
     return Response(json.dumps(body), status=status, headers=error.headers(), content_type="application/json")
 
 

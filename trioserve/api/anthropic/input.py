@@ -11,6 +11,7 @@ calls keep the chat path's guarantee: every ``tool_use`` input matches its tool'
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -86,8 +87,36 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
         fields |= {name: value for name, value in (body.model_extra or {}).items() if name in CHAT_EXTENSIONS}
     try:
         return ChatCompletionRequest.model_validate(fields)
+    except InvalidRequest as error:
+        raise renamed(error) from None
     except ValidationError as exc:
-        raise invalid_request(exc, fields) from None
+        raise renamed(invalid_request(exc, fields)) from None
+
+
+# Chat's parameter names as this API names them (messages are renumbered: system and tool results move).
+_RENAMES = (
+    (r"^stop\b", "stop_sequences"),
+    (r"^max_completion_tokens\b", "max_tokens"),
+    (r"^parallel_tool_calls\b", "tool_choice.disable_parallel_tool_use"),
+    (r"^chat_template_kwargs\b", "thinking"),
+    (r"^user\b", "metadata.user_id"),
+    (r"^tools([.\[])(\d+)(\]?)\.function\.parameters", r"tools\1\2\3.input_schema"),
+    (r"^tools([.\[])(\d+)(\]?)\.function\.", r"tools\1\2\3."),
+    (r"^messages[.\[]\d+.*", "messages"),
+)
+
+
+def renamed(error: InvalidRequest) -> InvalidRequest:
+    """``error`` with the chat parameter it names (in ``param`` and its message) named as here."""
+    if error.param is None:
+        return error
+    param = error.param
+    for pattern, replacement in _RENAMES:
+        param = re.sub(pattern, replacement, param)
+    if param != error.param:
+        error.message = error.message.replace(error.param, param, 1)
+        error.param = param
+    return error
 
 
 def _chat_messages(message: MessageParam, where: str) -> list[dict[str, Any]]:

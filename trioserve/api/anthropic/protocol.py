@@ -15,8 +15,10 @@ from pydantic import ConfigDict, Field
 from trioserve.api.validation import WireModel
 from trioserve.errors import TrioserveError
 
-# The paths this API answers on; errors there take Anthropic's shape (`error_body`).
-MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+def is_messages_path(path: str) -> bool:
+    """Whether ``path`` is this API's (``/v1/messages`` and below): errors there take its shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def message_id() -> str:

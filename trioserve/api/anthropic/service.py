@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from trioserve.api.anthropic.input import chat_request
+from trioserve.api.anthropic.input import chat_request, renamed
 from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest, error_body, message_id
 from trioserve.api.anthropic.stream import Event, EventWriter
 from trioserve.api.chat import ChatService
@@ -22,7 +22,7 @@ from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.replies import Usage
 from trioserve.api.serving import Prepared
 from trioserve.engine.engine import TokenStream
-from trioserve.errors import TrioserveError
+from trioserve.errors import InvalidRequest, TrioserveError
 
 # Chat's finish reasons as Anthropic's stop reasons (a matched stop string: "stop_sequence").
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -52,12 +52,18 @@ class MessagesService:
         self, body: MessagesRequest, request: ChatCompletionRequest, *, time_limit: float
     ) -> PreparedMessage:
         """Prepares the chat request (template, context and grammar checks), as `ChatService.prepare`."""
-        prepared = await self.chat.prepare(request, request_id=message_id(), time_limit=time_limit)
+        try:
+            prepared = await self.chat.prepare(request, request_id=message_id(), time_limit=time_limit)
+        except InvalidRequest as error:
+            raise renamed(error) from None
         return PreparedMessage(body, prepared)
 
     async def count_tokens(self, body: CountTokensRequest) -> dict[str, Any]:
         """The prompt's tokens as a Messages request with this body would have it (template and tools)."""
-        prepared = await self.chat.prepare(chat_request(body), time_limit=60.0)
+        try:
+            prepared = await self.chat.prepare(chat_request(body), time_limit=60.0)
+        except InvalidRequest as error:
+            raise renamed(error) from None
         return {"input_tokens": len(prepared.generation.prompt_ids)}
 
     async def complete(self, prepared: PreparedMessage, streams: Sequence[TokenStream]) -> dict[str, Any]:
