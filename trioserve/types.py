@@ -102,7 +102,9 @@ class OutputSchema:
     """What the output must look like, as plain data; the runner compiles it (`Runner.compile_grammar`).
 
     ``schema``: a JSON schema the answer must match (a JSON ``response_format``, or a bare forced call when
-    the model has no call syntax); None: free text. ``tools`` with ``calls``: the answer may (``required``:
+    the model has no call syntax); ``regex``, ``choice``, ``grammar`` (Lark, or GBNF as llama.cpp writes
+    it): what the answer must match otherwise (vLLM's ``structured_outputs``); all None: free text.
+    ``tools`` with ``calls``: the answer may (``required``:
     must) be calls in that syntax, each naming one of the tools with arguments matching its parameters;
     ``parallel``: more than one. ``thinking``: a thinking block comes first, unconstrained. ``param`` is the
     request field that errors about ``schema`` name.
@@ -116,6 +118,14 @@ class OutputSchema:
     required: bool = False
     parallel: bool = True
     thinking: Thinking | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    @property
+    def free_answer(self) -> bool:
+        """Whether the answer (after any thinking, when no call is made) is free text."""
+        return self.schema is None and self.regex is None and self.choice is None and self.grammar is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,11 +139,8 @@ class ChatService(GenerationService):
         if body.truncate is not None:
             prompt_ids = prompt_ids[-body.truncate :]
         max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
-        answer = body.output_schema()
-        spec = OutputSchema(
-            schema=answer.schema if answer is not None else None,
-            strict=answer.strict if answer is not None else False,
-            param=answer.param if answer is not None else "response_format",
+        spec = dataclasses.replace(
+            body.output_schema() or OutputSchema(),
             tools=tool_specs(body.tools or [], in_play),
             calls=syntax if in_play else None,
             required=bool(forced),
@@ -274,6 +271,6 @@ async def _compile(spec: OutputSchema, runner: Runner) -> str | None:
     Raises:
         InvalidRequest: a schema is invalid or cannot be enforced, or this model cannot take grammars.
     """
-    if spec.schema is None and not spec.tools:
+    if spec.free_answer and not spec.tools:
         return None
     return await trio.to_thread.run_sync(runner.compile_grammar, spec)

@@ -10,27 +10,38 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from trioserve.api.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
+from trioserve.api.validation import WireModel
 from trioserve.errors import InvalidRequest
 from trioserve.types import OutputSchema, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+GUIDED_FIELDS = frozenset(
+    {
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+    }
+)
 MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue place
 
 
 # -- requests -------------------------------------------------------------------------------------------
 
 
-class TextPart(BaseModel):
+class TextPart(WireModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(WireModel):
     """One message. ``content`` is a string or an array of text parts (joined with no separator)."""
 
     model_config = ConfigDict(extra="allow")
@@ -63,6 +74,27 @@ class ChatMessage(BaseModel):
         return message
 
 
+def check_contents(messages: list[ChatMessage]) -> None:
+    """Every message has ``content``, except an assistant turn that made calls (as OpenAI requires).
+
+    Raises:
+        InvalidRequest: a message without content; ``param`` is its path (``messages.0.content``).
+    """
+    for index, message in enumerate(messages):
+        calls = message.tool_calls or (message.model_extra or {}).get("function_call")
+        if message.content is None and not (message.role == "assistant" and calls):
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages[{index}].content'"
+                + (
+                    " (an assistant message may omit it only when it has tool_calls)"
+                    if message.role == "assistant"
+                    else ""
+                ),
+                param=f"messages.{index}.content",
+                code="missing_required_parameter",
+            )
+
+
 def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
     """Chat templates expect a call's arguments as a mapping; OpenAI sends them as JSON text."""
     function = call.get("function")
@@ -75,12 +107,12 @@ def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(WireModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(WireModel):
     """``response_format.json_schema``: the schema the output must match, with OpenAI's naming rules."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -90,7 +122,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None  # true: keywords the compiler cannot enforce are a 400, not ignored
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(WireModel):
     """``response_format``: free text, any JSON object, or JSON matching a schema; enforced while sampling."""
 
     model_config = ConfigDict(extra="forbid")
@@ -114,7 +146,67 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class _SamplingFields(BaseModel):
+class StructuredOutputs(WireModel):
+    """``structured_outputs`` (vLLM's extension, which replaced its ``guided_*`` fields): one of a JSON schema,
+    any JSON object, a regular expression, a list of choices, or a grammar (Lark or GBNF), enforced while
+    sampling as ``response_format`` is. vLLM's tuning options are accepted and have no effect here."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    # vLLM's options for its own backends.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+    def output_schema(self) -> OutputSchema:
+        """The shape the output must have.
+
+        Raises:
+            InvalidRequest: none or more than one shape was given, the JSON text does not parse, or a
+                structural tag (not supported by this server) was asked for.
+        """
+        if self.structural_tag is not None:
+            raise InvalidRequest(
+                "structured_outputs.structural_tag is not supported by this server",
+                param="structured_outputs.structural_tag",
+            )
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, _attr(name)) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequest(
+                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object"
+                + (f"; got {', '.join(given)}" if given else ""),
+                param="structured_outputs",
+            )
+        param = f"structured_outputs.{given[0]}"
+        if self.json_object:
+            return OutputSchema({"type": "object"}, param=param)
+        if self.json_ is not None:
+            schema = self.json_
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
+                if not isinstance(schema, dict | bool):
+                    raise InvalidRequest(f"{param} must be a JSON schema (an object)", param=param)
+            return OutputSchema(schema if isinstance(schema, dict) else {}, param=param)
+        if self.choice is not None:
+            return OutputSchema(choice=tuple(self.choice), param=param)
+        return OutputSchema(regex=self.regex, grammar=self.grammar, param=param)
+
+
+def _attr(name: str) -> str:
+    return "json_" if name == "json" else name
+
+
+class _SamplingFields(WireModel):
     """Fields shared by chat and legacy completions."""
 
     model_config = ConfigDict(extra="allow")
@@ -141,6 +233,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     truncate: Annotated[int, Field(ge=1)] | None = None  # keep only the last N prompt tokens (old server)
     request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; capped by the server's
+    structured_outputs: StructuredOutputs | None = None  # vLLM's: regex, choice, grammar, json
     # vLLM's name: requests with different salts never share prefix-cache entries (a timing side channel).
     cache_salt: Annotated[str, Field(min_length=1)] | None = None
 
@@ -155,9 +248,15 @@ class _SamplingFields(BaseModel):
     def _check_schema_and_eos(self) -> _SamplingFields:
         # The grammar ends the output with EOS once the value is complete; ignoring EOS would run past it.
         # (InvalidRequest rather than ValueError: pydantic would report it at the body, not the field.)
+        for name in sorted(self.model_extra or {}):
+            if name in GUIDED_FIELDS:  # ignoring one would hand back unconstrained text the client trusts
+                raise InvalidRequest(
+                    f"{name} is vLLM's old field, which vLLM removed: use structured_outputs", param=name
+                )
         if self.ignore_eos and self.output_schema() is not None:
             raise InvalidRequest(
-                "ignore_eos cannot be combined with a JSON response_format or a forced tool_choice", param="ignore_eos"
+                "ignore_eos cannot be combined with a JSON response_format, structured_outputs or a forced tool_choice",
+                param="ignore_eos",
             )
         return self
 
@@ -178,8 +277,19 @@ class _SamplingFields(BaseModel):
         return sorted(self.model_extra or {})
 
     def output_schema(self) -> OutputSchema | None:
-        """The schema the output must match (None: free text)."""
-        return self.response_format.output_schema() if self.response_format is not None else None
+        """The shape the output must have (None: free text): ``response_format`` or ``structured_outputs``.
+
+        Raises:
+            InvalidRequest: both were given, or ``structured_outputs`` is not one shape.
+        """
+        answer = self.response_format.output_schema() if self.response_format is not None else None
+        if self.structured_outputs is not None:
+            if answer is not None:
+                raise InvalidRequest(
+                    "structured_outputs cannot be combined with a JSON response_format", param="structured_outputs"
+                )
+            return self.structured_outputs.output_schema()
+        return answer
 
     def to_sampling_params(
         self,
@@ -239,6 +349,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
         # InvalidRequest rather than ValueError: pydantic would report these at the body, not the field.
+        check_contents(self.messages)
         choice, forced = self.tool_choice, self.forced_tools()
         if choice == "required" and not self.tools:
             raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")

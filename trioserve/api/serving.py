@@ -60,6 +60,11 @@ class TextAssembler:
         self._stops = StopMatcher(stops)
         self._logprobs = logprobs
 
+    @property
+    def matched_stop(self) -> str | None:
+        """The stop string that ended the sequence, if one did."""
+        return self._stops.matched
+
     def feed(self, event: TokenEvent, *, eos: bool) -> Piece:
         """Takes the next event; ``eos`` says its token is an end-of-sequence token (never shown)."""
         text = "" if eos else self._detokenizer.push(event.token.token_id)
@@ -142,6 +147,7 @@ class Prepared:
     stops: list[str]
     timing: RequestTiming
     logprobs: bool = False  # build logprob entries for every token
+    matched_stops: dict[int, str] = field(default_factory=dict)  # choice -> the stop string that ended it
 
     @property
     def generation(self) -> GenerationRequest:
@@ -311,6 +317,8 @@ class GenerationService:
                 if piece.finish_reason is not None:
                     streams[index].close()
                     active.remove(index)
+                    if (stop := assemblers[index].matched_stop) is not None:
+                        prepared.matched_stops[index] = stop
                 yield index, piece
 
     async def _collect(self, prepared: Prepared, streams: Sequence[TokenStream]) -> list[Collected]:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trioserve.api.protocol import ChatMessage
+from trioserve.api.protocol import ChatMessage, check_contents
 from trioserve.api.toolcalls import Tool
+from trioserve.api.validation import WireModel
 from trioserve.engine.engine import Engine
 from trioserve.errors import InvalidRequest, ModelNotFound
 from trioserve.types import Runner
 
 
-class TokenizePromptRequest(BaseModel):
+class TokenizePromptRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str
@@ -27,7 +28,7 @@ class TokenizePromptRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -38,6 +39,11 @@ class TokenizeChatRequest(BaseModel):
     tools: list[Tool] | None = None
     chat_template: str | None = None
 
+    @model_validator(mode="after")
+    def _check_contents(self) -> TokenizeChatRequest:
+        check_contents(self.messages)
+        return self
+
 
 class TokenizeResponse(BaseModel):
     count: int
@@ -46,7 +52,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[int]

@@ -12,12 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trioserve.api.validation import WireModel
 from trioserve.types import ToolSpec
 
 # -- requests ---------------------------------------------------------------------------------------------
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(WireModel):
     model_config = ConfigDict(extra="allow")
     name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: str | None = None
@@ -25,7 +26,7 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(WireModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: FunctionDefinition
@@ -37,11 +38,11 @@ class Tool(BaseModel):
         return {"type": "function", "function": function}
 
 
-class FunctionName(BaseModel):
+class FunctionName(WireModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(WireModel):
     type: Literal["function"]
     function: FunctionName
 

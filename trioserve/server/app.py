@@ -17,6 +17,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
+from trioserve.api.anthropic.service import MessagesService
 from trioserve.api.chat import ChatService
 from trioserve.api.completions import CompletionService
 from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -56,6 +58,7 @@ CHAT_PATHS = (
     "/completions",
     "/v1/responses",
     "/responses",
+    "/v1/messages",
 )
 RequestBody = ChatCompletionRequest | CompletionRequest
 
@@ -148,6 +151,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
     tokens = TokenService(engine, strict_model_name=settings.strict_model_name)
+    messages = MessagesService(chat)
 
     @app.before_serving
     async def start_engine() -> None:
@@ -199,9 +203,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         if status == 413:
             return error_response(PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes"))
         code = error.name.lower().replace(" ", "_")
-        response = error_response(InvalidRequest(f"{error.name}: {request.method} {request.path}", code=code))
-        response.status_code = status
-        return response
+        return error_response(InvalidRequest(f"{error.name}: {request.method} {request.path}", code=code), status)
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
@@ -257,7 +259,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         try:
             body = model.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         time_limit = _request_timeout(settings, body)
         prepared = await service.prepare(
             body,  # type: ignore[arg-type]
@@ -309,10 +311,11 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         state = current_state()
         if app.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        raw = await read_json(settings.max_body_bytes)
         try:
-            body = ResponsesRequest.model_validate(await read_json(settings.max_body_bytes))
+            body = ResponsesRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         turn = responses.translate(body)
         prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat), tenant=tenant())
         state.request_id = state.client_request_id or prepared.response_id
@@ -336,6 +339,52 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         response.timeout = None
         return response
 
+    @app.post("/v1/messages")
+    async def create_message() -> Response:
+        """Anthropic's Messages API on the chat path (`api.anthropic.service`); errors in its shape."""
+        state = current_state()
+        if app.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        app.generating.add(state)
+        raw = await read_json(settings.max_body_bytes)
+        try:
+            body = MessagesRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc, raw) from None
+        chat_body = messages.translate(body)
+        prepared = await messages.prepare(
+            body, chat_body, time_limit=_request_timeout(settings, chat_body), tenant=tenant()
+        )
+        state.request_id = state.client_request_id or prepared.message_id
+        state.timing = prepared.chat.timing
+        streams = [state.own(engine.submit(generation)) for generation in prepared.chat.generations]
+        if not body.stream:
+            try:
+                return json_response(await messages.complete(prepared, streams))
+            except TrioserveError:
+                state.abort_reason = prepared.chat.timing.aborted
+                raise
+
+        async def events() -> AsyncIterator[bytes]:
+            async with aclosing(messages.stream(prepared, streams)) as items:
+                async for event in items:
+                    if event["type"] == "error":
+                        state.abort_reason = prepared.chat.timing.aborted or "error"
+                    yield f"event: {event['type']}\n".encode() + sse_event(event)
+
+        response = Response(events(), headers=SSE_HEADERS)
+        response.timeout = None
+        return response
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens() -> Response:
+        raw = await read_json(settings.max_body_bytes)
+        try:
+            body = CountTokensRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc, raw) from None
+        return json_response(await messages.count_tokens(body))
+
     @app.get("/v1/responses/<response_id>")
     @app.get("/responses/<response_id>")
     async def get_response(response_id: str) -> Response:
@@ -357,15 +406,16 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         try:
             body = tokenize_request(raw).model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         return json_response(await tokens.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize() -> Response:
+        raw = await read_json(settings.max_body_bytes)
         try:
-            body = DetokenizeRequest.model_validate(await read_json(settings.max_body_bytes))
+            body = DetokenizeRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, raw) from None
         return json_response(await tokens.detokenize(body))
 
     return app

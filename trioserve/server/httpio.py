@@ -26,8 +26,10 @@ from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from trioserve.api.anthropic.protocol import error_body, is_messages_path
 from trioserve.api.replies import dump
 from trioserve.api.serving import RequestTiming
+from trioserve.api.validation import invalid_request
 from trioserve.engine.engine import TokenStream
 from trioserve.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TrioserveError
 from trioserve.server.sendguard import STALLED_KEY
@@ -42,7 +44,9 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx and friends: pass chunks on at once
 }
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Request-Timeout"
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Request-Timeout, x-api-key, anthropic-version, anthropic-beta"
+)
 
 
 @dataclass(eq=False)
@@ -192,10 +196,11 @@ def current_state() -> RequestState:
     return state
 
 
-def error_response(error: TrioserveError) -> Response:
-    return Response(
-        json.dumps(error.to_dict()), status=error.status, headers=error.headers(), content_type="application/json"
-    )
+def error_response(error: TrioserveError, status: int | None = None) -> Response:
+    """The error as OpenAI's error object, or as Anthropic's on the Messages API's paths."""
+    status = status or error.status
+    body = error_body(error, status) if is_messages_path(request.path) else error.to_dict()
+    return Response(json.dumps(body), status=status, headers=error.headers(), content_type="application/json")
 
 
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
@@ -219,21 +224,22 @@ async def read_json(max_body_bytes: int) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return InvalidRequest(message, param=param, code="invalid_value" if param else None)
+def validation_error(exc: ValidationError, raw: Any) -> InvalidRequest:
+    """The 400 for a body (``raw``) its wire model rejected, naming the field (`api.validation`)."""
+    return invalid_request(exc, raw)
 
 
 def _presented_key() -> bytes:
+    """The Bearer token, else the ``x-api-key`` header (what Anthropic's SDKs send)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip().encode() if scheme.lower() == "bearer" else b""
+    if scheme.lower() == "bearer":
+        return token.strip().encode()
+    return request.headers.get("x-api-key", "").strip().encode()
 
 
 def tenant() -> str:
-    """Who sent the request, for prefix-cache isolation: a digest of the Bearer token it presented (the same
+    """Who sent the request, for prefix-cache isolation: a digest of the key it presented (Bearer or x-api-key; the same
     key, the same tenant; no key, the tenant ""). Requests of different tenants never share cached KV, which
     would let one time the other's prompts."""
     presented = _presented_key()
@@ -258,7 +264,7 @@ def check_api_key(keys: Sequence[str]) -> None:
         raise AuthenticationFailed(
             "Incorrect API key provided."
             if _presented_key()
-            else "Missing API key: send 'Authorization: Bearer <key>'."
+            else "Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
         )
 
 

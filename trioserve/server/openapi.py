@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
 from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from trioserve.api.replies import ChatCompletion, ChatCompletionChunk, Completion, ModelList
 from trioserve.api.responses.protocol import Response, ResponsesRequest
@@ -49,6 +50,8 @@ def openapi_document() -> dict[str, object]:
         TokenizeResponse,
         DetokenizeRequest,
         DetokenizeResponse,
+        MessagesRequest,
+        CountTokensRequest,
     )
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -70,6 +73,14 @@ def openapi_document() -> dict[str, object]:
             _ref(ResponsesRequest),
             "a response, or with stream=true an SSE stream of Responses events",
             {"application/json": {"schema": _ref(Response)}, sse: {}},
+        ),
+        "/v1/messages": _post(
+            _ref(MessagesRequest),
+            "an Anthropic message, or with stream=true an SSE stream of its events (errors in Anthropic's shape)",
+            {"application/json": {}, sse: {}},
+        ),
+        "/v1/messages/count_tokens": _post(
+            _ref(CountTokensRequest), "the prompt's input_tokens", {"application/json": {}}
         ),
         "/tokenize": _post(
             {"oneOf": [_ref(TokenizePromptRequest), _ref(TokenizeChatRequest)]},

@@ -1,5 +1,5 @@
 """The shape of an output (`OutputSchema`) as one llguidance grammar: a thinking block, then free text, a JSON
-answer, or tool calls in the model's own syntax.
+answer (or a regex, choice or grammar one, `patterns`), or tool calls in the model's own syntax.
 
 A JSON ``response_format`` alone compiles straight from its schema (`guided.json_grammar`). Anything with
 tools or thinking becomes a Lark grammar whose JSON parts are inline ``%json`` schemas:
@@ -25,6 +25,7 @@ from llguidance import LLMatcher
 
 from trioserve.errors import InvalidRequest
 from trioserve.text.guided import JSON_DEFAULTS, JSON_VALUES, _is_panic, closed, json_grammar
+from trioserve.text.patterns import answer_lark, with_answer
 from trioserve.types import CallSyntax, Marker, OutputSchema, Thinking, ToolSpec
 
 # Whitespace allowed between a closed thinking block and the answer.
@@ -38,7 +39,10 @@ def output_grammar(spec: OutputSchema) -> str:
         InvalidRequest: a schema (the answer's or a tool's, named by its ``param``) is invalid or cannot be
             enforced.
     """
+    answer = answer_lark(spec)
     if not (spec.tools and spec.calls) and spec.thinking is None:
+        if answer is not None:
+            return LLMatcher.grammar_from_lark(answer)
         return json_grammar(dict(spec.schema or {}), strict=spec.strict, param=spec.param)
     # Each schema alone first, so that an error names the request field it came from.
     if spec.schema is not None:
@@ -47,7 +51,7 @@ def output_grammar(spec: OutputSchema) -> str:
         _check(json.dumps(tool.parameters, sort_keys=True), tool.strict, tool.param)
     lark = _lark(spec)
     try:
-        grammar = LLMatcher.grammar_from_lark(lark)
+        grammar = LLMatcher.grammar_from_lark(lark) if answer is None else with_answer(lark, answer)
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
     except BaseException as exc:
         if not isinstance(exc, ValueError | TypeError) and not _is_panic(exc):
@@ -72,7 +76,7 @@ def _lark(spec: OutputSchema) -> str:
     rules: list[str] = []
     answer = _answer(spec, rules)
     if spec.tools and spec.calls is not None:
-        text_before = not spec.required and spec.schema is None
+        text_before = not spec.required and spec.free_answer
         calls = _calls(spec.calls, spec.tools, spec.parallel, rules, text_before=text_before)
         body = calls if spec.required else f"{answer} | {calls}"
     else:
@@ -86,6 +90,8 @@ def _answer(spec: OutputSchema, rules: list[str]) -> str:
     if spec.schema is not None:
         rules.append(f"answer: %json {_options(spec.schema, spec.strict)}")
         return "answer"
+    if not spec.free_answer:
+        return "@answer"  # the regex, choice or grammar, nested (`patterns.with_answer`)
     syntax = spec.calls
     if spec.tools and syntax is not None and syntax.at_start:
         # Calls are bare JSON at the start: text that starts with "{" would be a call, so text may not.

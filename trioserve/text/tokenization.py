@@ -202,14 +202,16 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
+        self.matched: str | None = None  # the stop string found, once one is (Anthropic's stop_sequence)
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self._stops:
             return text, False
         buffer = self._held + text
-        cut = self._first_completed(buffer)
-        if cut >= 0:
+        cut, stop = self._first_completed(buffer)
+        if stop is not None:
             self._held = ""
+            self.matched = stop
             return buffer[:cut], True
         keep = self._longest_partial_match(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
@@ -219,18 +221,19 @@ class StopMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_completed(self, buffer: str) -> int:
-        """Start of the stop string that is completed first (earliest end; on a tie, the longer), or -1.
+    def _first_completed(self, buffer: str) -> tuple[int, str | None]:
+        """Start of the stop string that is completed first (earliest end; on a tie, the longer), and that
+        string; (-1, None) if none is.
 
         Ordering by where a stop *ends* makes the result independent of how the text was split into
         pushes: it is where generation would have stopped had each character arrived on its own.
         """
-        best: tuple[int, int] | None = None
+        best: tuple[int, int, str] | None = None
         for stop in self._stops:
             start = buffer.find(stop)
-            if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
-        return best[1] if best is not None else -1
+            if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+                best = (start + len(stop), start, stop)
+        return (best[1], best[2]) if best is not None else (-1, None)
 
     def _longest_partial_match(self, buffer: str) -> int:
         """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.responses.protocol import OutputItem, ResponsesRequest
+from trioserve.api.validation import invalid_request
 from trioserve.errors import InvalidRequest
 
 ChatMessageDict = dict[str, Any]
@@ -120,10 +121,12 @@ def chat_request(
     except InvalidRequest as error:
         raise renamed(error) from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = responses_param(".".join(str(part) for part in first["loc"])) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        raise InvalidRequest(message, param=param, code="invalid_value" if param else None) from None
+        invalid = invalid_request(exc, fields)
+        if invalid.param is not None:
+            message = invalid.message.removeprefix(f"{invalid.param}: ")
+            invalid.param = responses_param(invalid.param)
+            invalid.message = f"{invalid.param}: {message}"
+        raise invalid from None
 
 
 def renamed(error: InvalidRequest) -> InvalidRequest:

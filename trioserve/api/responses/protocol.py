@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trioserve.api.validation import WireModel
 from trioserve.errors import InvalidRequest
 
 ResponseStatus = Literal["completed", "failed", "in_progress", "incomplete"]
@@ -32,7 +33,7 @@ def item_id(prefix: str) -> str:
 # -- requests -------------------------------------------------------------------------------------------
 
 
-class TextFormat(BaseModel):
+class TextFormat(WireModel):
     """``text.format``: free text, any JSON object, or JSON matching a schema (flat, unlike chat's)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -43,19 +44,19 @@ class TextFormat(BaseModel):
     strict: bool | None = None
 
 
-class TextConfig(BaseModel):
+class TextConfig(WireModel):
     model_config = ConfigDict(extra="allow")
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ReasoningConfig(BaseModel):
+class ReasoningConfig(WireModel):
     model_config = ConfigDict(extra="allow")
     effort: str | None = None
     summary: str | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(WireModel):
     """``POST /v1/responses``. Unknown fields are accepted; the sampling extensions of chat completions
     (``seed``, ``logit_bias``, ``top_k``, ...) are among them and reach the chat request as they are."""
 
@@ -79,7 +80,7 @@ class ResponsesRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     text: TextConfig | None = None
     tool_choice: str | dict[str, Any] = "auto"
-    tools: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     truncation: Literal["auto", "disabled"] | None = None
