@@ -101,12 +101,32 @@ FAMILIES = [
     Family("gpt_neox"),
     # Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D mask: transformers reports that they bypass
     # its attention interface, so the runner keeps them off the arena, on their own caches (exact, one per pass).
-    Family("falcon", batches=False),
+    Family("falcon"),
     Family("olmo2"),
     Family("starcoder2"),
     Family("smollm3"),
     Family("bloom", batches=False, dtype=torch.float32),
     Family("mixtral", EXPERTS),
+    # Multi-head latent attention: the cache holds a compressed latent (16) as keys and the shared rotary part
+    # (8) as values, one head each; attention expands them to 4 heads per pass.
+    Family(
+        "deepseek_v3",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            n_group=1,
+            topk_group=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+        ),
+    ),
+    Family("stablelm"),  # partial rotary (a quarter of each head); its decoder layers drop our keyword
     Family("qwen3_moe", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)),
     Family("mamba", dict(state_size=4), batches=False, whole_prefill=True),
     Family("falcon_mamba", dict(state_size=4), batches=False, whole_prefill=True),
