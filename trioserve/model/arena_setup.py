@@ -1,9 +1,15 @@
-"""Setting up arena mode at load: allocate the KV arena, check on a probe prompt that a decode pass through it
-gives the logits the model's own cache gives, and capture the decode pass as CUDA graphs where there is CUDA.
+"""Setting up arena mode at load: allocate the KV arena, check on two probe prompts that a decode pass through
+it gives the logits the model's own cache gives, and capture the decode pass as CUDA graphs where there is CUDA.
+
+The probe decodes two prompts of different lengths in one pass, with noise in the columns the shorter row
+must not see, so a mask that does not reach attention shows as a disagreement. The masks reach a layer in one
+of two ways: as our keyword through transformers' attention interface (per layer, sliding windows included),
+or, for models whose decoder layers drop keywords (StableLM, Falcon), as the 4-D ``attention_mask`` of the
+pass, each row's causal prefix with no window. The second is accepted only when no layer has a window.
 
 A model that cannot decode from the arena (cache layers that are not plain attention, an attention
-implementation that bypasses transformers' interface, a probe that disagrees) keeps its own caches and is
-decoded one sequence per pass; the returned mode says why, for the startup log.
+implementation that bypasses transformers' interface, a probe that disagrees, any exception on the way)
+keeps its own caches and is decoded one sequence per pass; the returned mode says why, for the startup log.
 """
 
 from __future__ import annotations
