@@ -16,9 +16,18 @@ What each family needed, and why (from transformers 5.24's modeling code):
   KV arena: their `DynamicSlidingWindowLayer`s keep just the last window - 1 tokens, which are copied to the
   columns they belong to, and the window is one more condition of the decode mask. (The left-padded join
   of version 1 could not batch them.)
-- falcon, bloom: exact, one sequence per pass. Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D
-  mask, so neither takes the arena's masks; transformers reports it (`_can_set_attn_implementation`), so
-  the runner keeps them on their own caches (`architectures` names the reason for the log).
+- deepseek_v3 (multi-head latent attention): its cache holds a compressed latent as "keys" and the rotary key
+  as "values", of different sizes, so the arena keeps per-layer key and value shapes (it crashed at load when
+  it assumed one).
+- stablelm, falcon: their decoder layers do not hand transformers' keywords down to attention, so the arena's
+  per-layer masks never arrive; the 4-D mask the decode pass gives the model does (each row's causal prefix),
+  which is exact since no layer has a window. The load-time probe (two rows of different lengths, noise in the
+  columns the shorter one must not see) checks it. (StableLM's partial rotary embedding was never the issue:
+  the probe disagreed only because it required the keyword in every layer.)
+- bloom: one sequence per pass. It builds ALiBi from a 2-D padding mask, raises on a 4-D one, and transformers
+  reports that its attention bypasses the interface (`_can_set_attn_implementation`). Falcon with ``alibi``
+  does the same and falls back (`architectures` names both reasons for the log).
+- Every family's decode mode is also stated in README's model-support table (`test_readme_table_...`).
 - mamba, falcon_mamba: decode went wrong from the third token when a 2-D mask was passed at decode. Their
   `apply_mask_to_padding_states` multiplies the one new token's hidden states ``[rows, 1, hidden]`` by a
   2-D mask ``[rows, length]`` (these two families do not trim it with `create_recurrent_attention_mask` as
@@ -47,9 +56,11 @@ affected.
 from __future__ import annotations
 
 import functools
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,7 +88,7 @@ class Family:
 
     model_type: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    batches: bool = True  # decodes several sequences per forward pass
+    batches: bool = True  # decodes several sequences per forward pass (README's model-support table says why not)
     whole_prefill: bool = False  # its prompts must go through in one pass
     dtype: torch.dtype = torch.float64
     marks: tuple[pytest.MarkDecorator, ...] = ()  # on the token test
@@ -99,14 +110,33 @@ FAMILIES = [
     Family("phi3"),
     Family("gpt2"),
     Family("gpt_neox"),
-    # Falcon calls SDPA itself and Bloom derives ALiBi from a 2-D mask: transformers reports that they bypass
-    # its attention interface, so the runner keeps them off the arena, on their own caches (exact, one per pass).
-    Family("falcon", batches=False),
+    Family("falcon"),  # rotary; its decoder layers drop our keyword, the model-level 4-D mask reaches attention
     Family("olmo2"),
     Family("starcoder2"),
     Family("smollm3"),
+    # ALiBi from a 2-D mask, attention outside the interface: on its own caches (exact, one per pass).
     Family("bloom", batches=False, dtype=torch.float32),
     Family("mixtral", EXPERTS),
+    # Multi-head latent attention: the cache holds a compressed latent (16) as keys and the shared rotary part
+    # (8) as values, one head each; attention expands them to 4 heads per pass.
+    Family(
+        "deepseek_v3",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            n_group=1,
+            topk_group=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+        ),
+    ),
+    Family("stablelm"),  # partial rotary (a quarter of each head); its decoder layers drop our keyword
     Family("qwen3_moe", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)),
     Family("mamba", dict(state_size=4), batches=False, whole_prefill=True),
     Family("falcon_mamba", dict(state_size=4), batches=False, whole_prefill=True),
@@ -174,6 +204,37 @@ FAMILIES = [
         batches=False,
     ),
 ]
+
+# Each family's name in README's model-support table (by default its model type, capitalised).
+README_NAMES = {
+    "llama": "Llama",
+    "qwen2": "Qwen2/3",
+    "qwen3": "Qwen2/3",
+    "gemma2": "Gemma 2/3",
+    "gemma3_text": "Gemma 2/3",
+    "cohere2": "Cohere2",
+    "olmo3": "OLMo 3",
+    "exaone4": "EXAONE 4",
+    "gpt_oss": "GPT-OSS",
+    "phi3": "Phi-3",
+    "gpt2": "GPT-2",
+    "gpt_neox": "GPT-NeoX",
+    "olmo2": "OLMo 2",
+    "smollm3": "SmolLM3",
+    "starcoder2": "StarCoder2",
+    "mamba2": "Mamba-2",
+    "qwen3_moe": "Qwen3-MoE",
+    "deepseek_v3": "DeepSeek-V3",
+    "stablelm": "StableLM",
+    "falcon_mamba": "Falcon-Mamba",
+    "falcon_h1": "Falcon-H1",
+    "granitemoehybrid": "Granite-MoE-Hybrid",
+    "nemotron_h": "Nemotron-H",
+    "lfm2": "LFM2",
+    "qwen3_next": "Qwen3-Next",
+    "recurrent_gemma": "RecurrentGemma",
+    "minimax": "MiniMax",
+}
 
 UNSUPPORTED = [
     Family(
@@ -331,6 +392,36 @@ def test_batched_greedy_equals_solo_greedy(family: Family) -> None:
 @pytest.mark.parametrize("family", cases(FAMILIES, "mode_marks"))
 def test_decode_mode(family: Family) -> None:
     assert (make_runner(family).max_batch_size > 1) == family.batches
+
+
+def readme_support() -> dict[str, str]:
+    """README's model-support table: each family name listed in a row's first cell -> that row's decode cell."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Model support", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("families", "---"):
+            continue
+        names = cells[0].rsplit(": ", 1)[-1]  # after a group's label ("sliding-window attention: ...")
+        for name in names.split(", "):
+            rows[name] = cells[1]
+    return rows
+
+
+@pytest.mark.parametrize("family", cases(FAMILIES + UNSUPPORTED))
+def test_readme_table_says_how_each_family_decodes(family: Family) -> None:
+    """A family listed as one sequence per pass (or refused) must say so, with a reason, in README; one that
+    batches must be listed as batched. So a family that stops batching fails here (and in `test_decode_mode`)
+    until the table gives the reason."""
+    name = README_NAMES.get(family.model_type, family.model_type.capitalize())
+    decode = readme_support()[name]
+    if family in UNSUPPORTED:
+        assert decode.startswith("refused at startup")
+    elif family.batches:
+        assert decode.startswith("batched")
+    else:
+        assert re.match(r"one sequence per pass: .{20,}", decode), decode  # and why
 
 
 @pytest.mark.parametrize("family", cases(FAMILIES + UNSUPPORTED))

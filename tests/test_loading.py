@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from tests.test_architectures import FAMILIES, UNSUPPORTED, tiny_model, tokenizer
+from tests.test_architectures import FAMILIES, UNSUPPORTED, make_runner, tiny_model, tokenizer
 from trioserve.config import ConfigError, Settings
+from trioserve.model import arena_setup
+from trioserve.model.arena import KVArena
+from trioserve.model.attention import DecodeMasks
 from trioserve.model.loading import check_settings, load_runner, resolve_attention, resolve_dtype
 from trioserve.model.tinymodel import save_tiny_model
 from trioserve.types import GenerationRequest, PrefillChunk, SamplingParams, StepPlan
@@ -114,3 +118,44 @@ def test_startup_log_names_a_model_run_one_sequence_per_pass(tmp_path: Path, cap
     caplog.clear()
     load_runner(Settings(model=str(_save("llama", tmp_path / "l"))))
     assert not any("one sequence per forward pass" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_arena_set_up_falls_back_to_one_sequence_per_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong building the arena or probing it, the model still serves, one sequence per pass."""
+
+    class BrokenArena(KVArena):
+        def store(self, *args: Any, **kwargs: Any) -> tuple[int, ...]:
+            raise RuntimeError("the arena cannot hold this model")
+
+    monkeypatch.setattr(arena_setup, "KVArena", BrokenArena)
+    runner = load_runner(Settings(model=str(_save("llama", tmp_path / "l"))))
+    assert runner.max_batch_size == 1
+    assert runner.arena is None
+    assert not runner.model.config._attn_implementation.startswith("trioserve_")  # wrapper taken off again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "l runs one sequence per forward pass" in m and "the arena cannot hold this model" in m for m in warnings
+    )
+    request = GenerationRequest("r", (5, 6, 7), SamplingParams(temperature=0.0, max_tokens=2))
+    first = runner.step(StepPlan(prefill=(PrefillChunk(0, request, 0, 3),))).tokens[0].token_id
+    assert runner.step(StepPlan(decode=(0,))).tokens[0].token_id < runner.vocab_size
+    assert first < runner.vocab_size
+    runner.release(0)
+
+
+def test_the_probe_catches_masks_that_let_a_row_see_past_its_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load-time probe decodes two rows of different lengths, with noise in the columns the shorter row must
+    not see: a mask that lets it see them keeps the model off the arena."""
+    mask = DecodeMasks.mask
+
+    def everything_visible(self: DecodeMasks, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        allowed = mask(self, window, dtype)
+        return torch.zeros_like(allowed) if self._additive else torch.ones_like(allowed)
+
+    monkeypatch.setattr(DecodeMasks, "mask", everything_visible)
+    family = next(f for f in FAMILIES if f.model_type == "llama")
+    runner = make_runner(family)
+    assert runner.max_batch_size == 1
+    assert "do not decode correctly from the arena" in runner.mode

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tests.conftest import live_caches
+from tests.test_architectures import FAMILIES, tiny_model
 from tests.test_runner import Arrival, _windowed_model, drive, greedy
 from trioserve.engine.scheduler import Scheduler
 from trioserve.model.prefixcache import PrefixCache
@@ -24,7 +25,8 @@ from trioserve.types import GenerationRequest, PrefillChunk, SamplingParams, Ste
 def runner_of(
     model: PreTrainedModel, tokenizer: ChatTokenizer, *, caching: bool = True, slots: int = 8, cache_slots: int = 0
 ) -> TransformersRunner:
-    eos = frozenset(int(i) for i in model.generation_config.eos_token_id)
+    eos_ids = model.generation_config.eos_token_id
+    eos = frozenset(int(i) for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids]))
     return TransformersRunner(
         model,
         tokenizer,
@@ -249,3 +251,28 @@ def test_prefix_cache_prefers_the_longer_hit_and_a_retained_slot() -> None:
     assert hit is not None and (hit.slot, hit.length, hit.retained) == (1, 3, True)
     assert cache.lookup("other", numpy.array([1, 2, 3, 9])) is None
     assert cache.lookup("", numpy.array([1])) is None  # capped at len - 1
+
+
+def test_hits_are_exact_for_multi_head_latent_attention(chat_tokenizer: ChatTokenizer) -> None:
+    """DeepSeek-V3's arena keeps keys and values of different sizes (a latent and a rotary key): entries still
+    seed prefills and move between slots exactly."""
+    model = tiny_model(next(f for f in FAMILIES if f.model_type == "deepseek_v3"))
+    first = list(range(20, 60))
+    second = [*first[:30], *range(70, 80)]
+    arrivals = [
+        Arrival(0, greedy("first", first, 5)),
+        Arrival(20, greedy("unrelated", [9, 9, 9], 6)),  # takes slot 0: the entry of "first" moves
+        Arrival(22, greedy("second", second, 6)),
+        Arrival(50, greedy("first-again", first, 4)),
+    ]
+    cold = drive(runner_of(model, chat_tokenizer, caching=False, slots=4), arrivals, chunk=16)
+    runner = runner_of(model, chat_tokenizer, slots=4)
+    arena = runner.arena
+    assert arena is not None
+    assert {k.shape[-1] for k in arena.keys} != {v.shape[-1] for v in arena.values}
+    moves = []
+    copy = arena.copy
+    arena.copy = lambda *args: (moves.append(args), copy(*args))[1]  # type: ignore[method-assign]
+    assert drive(runner, arrivals, chunk=16) == cold
+    assert moves
+    assert hits(runner) >= 2 * 30  # "second" and "first-again" both start from a cached prefix

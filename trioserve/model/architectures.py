@@ -34,13 +34,21 @@ _UNSUPPORTED = {
 }
 
 
-# Attention that does not go through transformers' AttentionInterface, so the arena's per-row masks never
-# reach it. The runner finds this too (transformers' `_can_set_attn_implementation`, then a load-time probe)
-# and keeps such models off the arena; named here so the startup log can say why.
+# Attention the arena's decode masks cannot reach. A model whose decoder layers drop our keyword still gets
+# the masks through the 4-D `attention_mask` of the decode pass (StableLM, Falcon with rotary positions), but
+# these build their ALiBi bias from a 2-D padding mask, which a 4-D one breaks. The runner's load-time probe
+# finds this too (the pass raises, and the model keeps its own caches); named here so the startup log says why.
 _OWN_ATTENTION = {
-    "falcon": "its attention calls SDPA directly rather than through transformers' attention interface",
-    "bloom": "it computes its ALiBi bias from a 2-D padding mask and its attention bypasses the interface",
+    "bloom": "it builds its ALiBi bias from a 2-D padding mask, so the decode pass's 4-D arena mask cannot reach it",
+    "falcon": "with ALiBi (alibi=true) it builds its position bias from a 2-D padding mask, which the arena's 4-D "
+    "decode mask cannot replace",
 }
+
+
+def _own_attention_reason(config: PreTrainedConfig, model_type: str) -> str | None:
+    if model_type == "falcon" and not getattr(config.get_text_config(), "alibi", False):
+        return None  # rotary Falcon (7B, 40B, 180B) batches: its attention takes the 4-D mask
+    return _OWN_ATTENTION.get(model_type)
 
 
 def _model_types(config: PreTrainedConfig) -> set[str]:
@@ -51,8 +59,8 @@ def _model_types(config: PreTrainedConfig) -> set[str]:
 def one_per_pass_reason(config: PreTrainedConfig) -> str | None:
     """Why this model decodes one sequence per forward pass; None when its decode batches."""
     for model_type in sorted(_model_types(config)):
-        if model_type in _OWN_ATTENTION:
-            return _OWN_ATTENTION[model_type]
+        if (reason := _own_attention_reason(config, model_type)) is not None:
+            return reason
     probe = DynamicCache(config=config)  # the layer kinds transformers itself would cache for this model
     stateful = sorted(
         {type(layer).__name__ for layer in probe.layers if isinstance(layer, LinearAttentionCacheLayerMixin)}

@@ -1,6 +1,9 @@
 """The KV arena: every attention layer's keys and values for every slot, allocated once at load.
 
-Layout per layer: ``[slots, kv_heads, max_len + 1, head_dim]`` in the model's dtype, on its device. A request
+Layout per layer: keys ``[slots, key_heads, max_len + 1, key_dim]`` and values ``[slots, value_heads, max_len + 1,
+value_dim]``, in the model's dtype, on its device. Keys and values have their own shapes: multi-head latent
+attention (DeepSeek-V2/V3, Kimi-K2) caches a compressed latent as "keys" and its rotary part as "values", one
+head each, of different sizes; most models cache both with the same heads and size. A request
 owns one slot (`KVArena.acquire`) from its first prefill chunk to its release; its token at position ``p``
 lives in column ``p``. The last column is scratch: padding rows of a decode step write there, so they never
 touch a real token. Nothing is concatenated, re-padded or copied per step: prefill builds the request's own
@@ -20,10 +23,13 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 @dataclass(frozen=True, slots=True)
 class LayerShape:
-    """What one attention layer keeps per token, learnt from a probe forward pass."""
+    """What one attention layer keeps per token, learnt from a probe forward pass: whatever its cache layer was
+    handed as keys and values (not necessarily what attention sees: MLA caches latents it expands later)."""
 
-    kv_heads: int
-    head_dim: int
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
     sliding_window: int | None  # keys older than this many positions are never attended
 
 
@@ -34,14 +40,15 @@ def arena_layers(cache: DynamicCache) -> list[LayerShape] | None:
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             return None
-        keys, _ = _kv(layer)
+        keys, values = _kv(layer)
         window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-        shapes.append(LayerShape(int(keys.shape[1]), int(keys.shape[3]), window))
+        key_heads, key_dim = int(keys.shape[1]), int(keys.shape[3])
+        shapes.append(LayerShape(key_heads, key_dim, int(values.shape[1]), int(values.shape[3]), window))
     return shapes or None
 
 
 def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ([batch, kv_heads, tokens, head_dim]) of a filled attention layer."""
+    """Keys and values ([batch, heads, tokens, size], each its own heads and size) of a filled attention layer."""
     assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
     return layer.keys, layer.values
 
@@ -76,16 +83,16 @@ class KVArena:
         self.scratch = max_len  # the column padding rows write to
         # Zeros, not empty: padding rows attend to column 0 of whatever slot they stand in, and uninitialised
         # memory may hold NaN bit patterns.
-        self.keys = [
-            torch.zeros(slots + cache_slots, s.kv_heads, max_len + 1, s.head_dim, dtype=dtype, device=device)
-            for s in layers
+        rows, columns = slots + cache_slots, max_len + 1
+        self.keys = [torch.zeros(rows, s.key_heads, columns, s.key_dim, dtype=dtype, device=device) for s in layers]
+        self.values = [
+            torch.zeros(rows, s.value_heads, columns, s.value_dim, dtype=dtype, device=device) for s in layers
         ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
         self._free = set(range(slots))
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @property
     def free_slots(self) -> int:
@@ -172,7 +179,7 @@ class ArenaCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._arena.keys[layer_idx], self._arena.values[layer_idx]
         rows = self._rows.shape[0]
-        # key_states: [rows, kv_heads, 1, head_dim]; the indexed target is [rows, kv_heads, head_dim].
+        # key_states: [rows, key_heads, 1, key_dim]; the indexed target is [rows, key_heads, key_dim] (values alike).
         keys[self._rows, :, self._write_at] = key_states[:, :, 0]
         values[self._rows, :, self._write_at] = value_states[:, :, 0]
         return keys[:rows, :, : self._columns], values[:rows, :, : self._columns]

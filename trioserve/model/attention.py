@@ -7,8 +7,9 @@ transformers built. A decode pass passes `DecodeMasks` as the keyword ``trioserv
 hands unknown keywords down to each attention call, and the wrapper then swaps in the mask of each row's
 valid prefix, sliding windows included, built on the device from per-row positions, and runs SDPA (eager
 attention for eager models: their softcapping and sinks live there; flash-attention takes no arbitrary
-mask, so its models decode with SDPA). A model that does not hand the keyword down never decodes with a
-wrong mask: the runner's probe counts the calls that received it and keeps such a model off the arena.
+mask, so its models decode with SDPA). A model that does not hand the keyword down gets, in every layer, the
+4-D mask the decode pass gave the model (no sliding window): the load-time probe counts the calls that
+received the keyword, accepts none only where no layer has a window, and checks the logits either way.
 """
 
 from __future__ import annotations
