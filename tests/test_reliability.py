@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,9 +18,11 @@ from quart.typing import TestClientProtocol as Client
 from bench.soak import rss_bytes, run_soak, settled
 from tests.conftest import live_caches
 from tests.h2client import H2Client
-from tests.servers import demo_app, serve_on_loopback
+from tests.kv import assert_kv_released
+from tests.servers import FaultyRunner, demo_app, serve_on_loopback
 from tests.strategies import json_values, schemas
 from trioserve.server.app import TrioserveApp
+from trioserve.types import StepOutput, StepPlan
 
 CHAT = "/v1/chat/completions"
 
@@ -56,12 +59,56 @@ async def test_failed_steps_fail_only_their_requests_and_release_them() -> None:
         assert streamed.status_code == 200
         events = [e for e in (await streamed.get_data()).decode().split("\n\n") if e]
         assert_openai_error(json.loads(events[-1][6:]))
-        assert runner.live_sequences() == 0 and app.engine.active == 0
+        assert_kv_released(app.engine)
         # The engine goes on serving.
         fine = await client.post(CHAT, json={"messages": user("fine"), "max_tokens": 5, "ignore_eos": True})
         assert fine.status_code == 200
         assert (await fine.get_json())["usage"]["completion_tokens"] == 5
         assert (await client.get("/health")).status_code == 200
+
+
+class GatedFaultyRunner(FaultyRunner):
+    """`FaultyRunner` whose failing step waits for `gate`: the test lines up bystanders meanwhile."""
+
+    gate: threading.Event
+
+    def _step(self, plan: StepPlan) -> StepOutput:
+        if any("FAIL" in self.tokenizer.decode(self._prompt_of(plan, s)) for s in plan.seq_ids()):
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super()._step(plan)
+
+
+async def test_a_failed_step_spares_the_requests_it_does_not_carry() -> None:
+    app = demo_app(faulty=True, max_concurrent=1)  # one at a time: the bystander waits while the step fails
+    async with clients(app) as client:
+        runner = app.engine.runner
+        assert isinstance(runner, FaultyRunner)
+        runner.__class__ = GatedFaultyRunner
+        gate = runner.gate = threading.Event()  # type: ignore[attr-defined]
+        answers: dict[str, Any] = {}
+
+        async def post(name: str, text: str) -> None:
+            body = {"messages": user(text), "max_tokens": 5, "ignore_eos": True}
+            answers[name] = await client.post(CHAT, json=body)
+
+        async def until(condition: Callable[[], bool]) -> None:
+            with trio.fail_after(30):
+                while not condition():
+                    await trio.sleep(0.01)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, "doomed", "FAIL please")
+                await until(lambda: app.engine.active == 1 and app.engine.waiting == 0)  # its step is running
+                nursery.start_soon(post, "bystander", "fine")
+                await until(lambda: app.engine.waiting == 1)
+                gate.set()
+        finally:
+            gate.set()
+        assert answers["doomed"].status_code == 500
+        assert answers["bystander"].status_code == 200
+        assert (await answers["bystander"].get_json())["usage"]["completion_tokens"] == 5
+        assert_kv_released(app.engine)
 
 
 async def test_a_runner_that_keeps_failing_turns_health_503() -> None:
