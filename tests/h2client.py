@@ -42,6 +42,7 @@ class H2Client:
         self._send_lock = trio.Lock()
         self.closed = False  # the connection ended (EOF, GOAWAY then close, or our aclose)
         self.reading = read  # False: a slow reader that never acknowledges data (flow control stalls)
+        self._unacknowledged: dict[int, int] = defaultdict(int)  # bytes received while not reading
 
     @classmethod
     async def connect(cls, url: str, nursery: trio.Nursery, *, read: bool = True) -> H2Client:
@@ -85,6 +86,8 @@ class H2Client:
                     self.streams[event.stream_id].data.extend(event.data)
                     if self.reading:
                         self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    else:
+                        self._unacknowledged[event.stream_id] += event.flow_controlled_length
                 elif isinstance(event, h2.events.StreamEnded):
                     self.streams[event.stream_id].ended = True
                 elif isinstance(event, h2.events.StreamReset):
@@ -124,6 +127,15 @@ class H2Client:
     @staticmethod
     def _has(state: StreamState, events: int | None) -> bool:
         return events is not None and len(state.events()) >= events
+
+    async def resume_reading(self) -> None:
+        """The slow reader reads again: acknowledges what it left unread, and all that comes from now on."""
+        self.reading = True
+        unread, self._unacknowledged = self._unacknowledged, defaultdict(int)
+        for stream_id, length in unread.items():
+            if not self.streams[stream_id].reset:
+                self._conn.acknowledge_received_data(length, stream_id)
+        await self._flush()
 
     async def reset(self, stream_id: int) -> None:
         self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)

@@ -114,6 +114,19 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 
 def test_shell_commands_in_compose_comments_parse() -> None:
-    for line in (DOCKER / "compose.yaml").read_text().splitlines():
-        if "docker compose" in line:
-            shlex.split(line.lstrip("# "))
+    # The usage lines at the top of compose.yaml: each a shell command line (environment assignments, then
+    # `docker compose`) naming only profiles the file defines.
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    profiles = {p for service in compose["services"].values() for p in service.get("profiles", [])}
+    commands = [
+        shlex.split(line.lstrip("# "), comments=True)
+        for line in (DOCKER / "compose.yaml").read_text().splitlines()
+        if "docker compose" in line
+    ]
+    assert commands
+    for words in commands:
+        start = words.index("docker")
+        assert all(re.fullmatch(r"[A-Z_]+=\S*", word) for word in words[:start]), words
+        assert words[start + 1] == "compose" and "up" in words[start + 2 :], words
+        named = [words[i + 1] for i, word in enumerate(words) if word == "--profile"]
+        assert set(named) <= profiles, (named, profiles)

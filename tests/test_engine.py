@@ -255,19 +255,47 @@ async def test_queue_full_is_overloaded_and_frees_on_leave(autojump_clock: trio.
 
 
 async def test_failed_step_fails_only_its_sequences(autojump_clock: trio.testing.MockClock) -> None:
+    # Bystanders the failing step does not carry: one decoding (one sequence per decode pass, so the pass that
+    # prefills "doomed" decodes only one of "early" and "late") and one queued behind a full house.
+    carried: list[StepPlan] = []
+
     def fail_once(plan: StepPlan) -> BaseException | None:
-        doomed = any(c.request.request_id == "doomed" for c in plan.prefill)
-        if doomed and not failed:
-            failed.append(True)
+        if any(c.request.request_id == "doomed" for c in plan.prefill) and not carried:
+            carried.append(plan)
             return RuntimeError("simulated CUDA error")
         return None
 
-    failed: list[bool] = []
-    runner = FakeRunner(fail_when=fail_once)
-    async with running_engine(runner) as engine:
-        with pytest.raises(GenerationFailed):
-            await collect(engine, request("doomed"))
-        assert await collect(engine, request("fine", max_tokens=3)) == expected("fine", 3)
+    runner = FakeRunner(fail_when=fail_once, max_batch_size=1)
+    results: dict[str, list[int] | str] = {}
+
+    async def one(name: str, max_tokens: int) -> None:
+        try:
+            results[name] = await collect(engine, request(name, max_tokens=max_tokens))
+        except GenerationFailed:
+            results[name] = "failed"
+
+    async with running_engine(runner, batch_size=1, max_concurrent=3, max_queue=4) as engine:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "early", 8)
+            nursery.start_soon(one, "late", 8)
+            await trio.sleep(3 * PREFILL_SECONDS)  # both decoding now
+            nursery.start_soon(one, "doomed", 5)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "queued", 3)  # no slot: waits while "doomed" runs
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.waiting == 2  # "doomed" and "queued", submitted while a step runs: both live
+        assert engine.active == 0
+    (plan,) = carried
+    assert results.pop("doomed") == "failed"
+    by_id = {c.seq_id: c.request.request_id for p in runner.passes for c in p.plan.prefill}
+    in_failed_step = {by_id.get(seq_id, "doomed") for seq_id in plan.seq_ids()}
+    spared = set(results) - in_failed_step
+    assert {"queued"} < spared  # a queued bystander and at least one decoding one, outside the failed step
+    for name, tokens in results.items():
+        if name in spared:
+            assert tokens == expected(name, {"queued": 3}.get(name, 8)), name
+        else:
+            assert tokens == "failed", name
     assert runner.live_sequences() == 0
 
 

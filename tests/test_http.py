@@ -11,8 +11,8 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import live_caches
 from tests.h2client import H2Client
+from tests.kv import assert_kv_released
 from tests.servers import demo_app, serve_on_loopback, tls_files
 from trioserve.engine.engine import Engine
 from trioserve.model.tinymodel import build_tokenizer
@@ -128,8 +128,7 @@ async def assert_stops_within_one_step(engine: Engine, at_close: int | None) -> 
     await trio.sleep(0.2)  # several more steps' worth: the count must stay put
     assert engine.forward_passes("watched") == final
     assert engine.history[-1].outcome == "closed"
-    assert engine.active == 0
-    assert engine.runner is not None and engine.runner.live_sequences() == 0
+    assert_kv_released(engine)
 
 
 async def test_http1_close_stops_forward_passes_within_one_step() -> None:
@@ -175,7 +174,7 @@ async def test_many_aborted_streams_leave_nothing_behind() -> None:
         limiter = trio.CapacityLimiter(16)
 
         async def worker(index: int) -> None:
-            async with limiter, httpx.AsyncClient(http2=index % 2 == 0, http1=index % 2 == 1) as client:
+            async with limiter, httpx.AsyncClient(http2=index % 2 == 0, http1=index % 2 == 1, timeout=60) as client:
                 await abort_one(client, index)
 
         async with trio.open_nursery() as nursery:
@@ -189,4 +188,4 @@ async def test_many_aborted_streams_leave_nothing_behind() -> None:
         assert health["status"] == "ok"
         assert health["running"] == health["waiting"] == health["live_sequences"] == 0
         assert len([r for r in engine.history if r.outcome == "closed"]) == 200
-        assert live_caches() == 0
+        assert_kv_released(engine)

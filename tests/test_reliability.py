@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,11 +16,12 @@ from hypothesis import strategies as st
 from quart.typing import TestClientProtocol as Client
 
 from bench.soak import rss_bytes, run_soak, settled
-from tests.conftest import live_caches
 from tests.h2client import H2Client
-from tests.servers import demo_app, serve_on_loopback
+from tests.kv import assert_kv_released
+from tests.servers import FaultyRunner, demo_app, serve_on_loopback
 from tests.strategies import json_values, schemas
 from trioserve.server.app import TrioserveApp
+from trioserve.types import StepOutput, StepPlan
 
 CHAT = "/v1/chat/completions"
 
@@ -56,12 +58,51 @@ async def test_failed_steps_fail_only_their_requests_and_release_them() -> None:
         assert streamed.status_code == 200
         events = [e for e in (await streamed.get_data()).decode().split("\n\n") if e]
         assert_openai_error(json.loads(events[-1][6:]))
-        assert runner.live_sequences() == 0 and app.engine.active == 0
+        assert_kv_released(app.engine)
         # The engine goes on serving.
         fine = await client.post(CHAT, json={"messages": user("fine"), "max_tokens": 5, "ignore_eos": True})
         assert fine.status_code == 200
         assert (await fine.get_json())["usage"]["completion_tokens"] == 5
         assert (await client.get("/health")).status_code == 200
+
+
+class GatedFaultyRunner(FaultyRunner):
+    """`FaultyRunner` whose failing step waits for `gate`: the test lines up bystanders meanwhile."""
+
+    gate: threading.Event
+
+    def _step(self, plan: StepPlan) -> StepOutput:
+        if any("FAIL" in self.tokenizer.decode(self._prompt_of(plan, s)) for s in plan.seq_ids()):
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super()._step(plan)
+
+
+async def test_a_failed_step_spares_the_requests_it_does_not_carry() -> None:
+    app = demo_app(faulty=True, max_concurrent=1)  # one at a time: the bystander waits while the step fails
+    async with clients(app) as client:
+        runner = app.engine.runner
+        assert isinstance(runner, FaultyRunner)
+        runner.__class__ = GatedFaultyRunner
+        gate = runner.gate = threading.Event()  # type: ignore[attr-defined]
+        answers: dict[str, Any] = {}
+
+        async def post(name: str, text: str) -> None:
+            body = {"messages": user(text), "max_tokens": 5, "ignore_eos": True}
+            answers[name] = await client.post(CHAT, json=body)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, "doomed", "FAIL please")
+                await until(lambda: app.engine.active == 1 and app.engine.waiting == 0)  # its step is running
+                nursery.start_soon(post, "bystander", "fine")
+                await until(lambda: app.engine.waiting == 1)
+                gate.set()
+        finally:
+            gate.set()
+        assert answers["doomed"].status_code == 500
+        assert answers["bystander"].status_code == 200
+        assert (await answers["bystander"].get_json())["usage"]["completion_tokens"] == 5
+        assert_kv_released(app.engine)
 
 
 async def test_a_runner_that_keeps_failing_turns_health_503() -> None:
@@ -224,15 +265,23 @@ async def test_fuzzed_bytes_and_headers(data: bytes, content_type: str) -> None:
 async def test_h2_eight_streams_four_reset() -> None:
     app = demo_app(dtype="float64")  # float64: batched and solo greedy tokens are identical
     body = {"max_tokens": 30, "ignore_eos": True, "temperature": 0, "stream": True}
+    # The reset streams ask for more than they could make before the reset is seen: a server that ignored
+    # the resets would still be generating them long after the kept streams end.
+    endless = body | {"max_tokens": 1500}
     async with serve_on_loopback(app) as served, trio.open_nursery() as nursery:
         client = await H2Client.connect(served.url, nursery)
-        streams = [await client.post(CHAT, body | {"messages": user(f"prompt {i}")}) for i in range(8)]
+        streams = [
+            await client.post(
+                CHAT, (endless if i % 2 else body) | {"messages": user(f"prompt {i}")}, {"x-request-id": f"r{i}"}
+            )
+            for i in range(8)
+        ]
         for index, stream_id in enumerate(streams):
             if index % 2:
                 await client.wait_for(stream_id, events=3)
                 await client.reset(stream_id)
         finished = {i: await client.wait_for(s) for i, s in enumerate(streams) if i % 2 == 0}
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=60) as http:
             for index, state in finished.items():
                 assert state.ended and state.events()[-1] == "data: [DONE]"
                 chunks = [json.loads(e[6:]) for e in state.events()[:-1]]
@@ -241,11 +290,22 @@ async def test_h2_eight_streams_four_reset() -> None:
                     served.url + CHAT, json=body | {"stream": False, "messages": user(f"prompt {index}")}
                 )
                 assert streamed == solo.json()["choices"][0]["message"]["content"], index
-        health = await settled(served.url)
-        assert health["live_sequences"] == 0
-        assert app.engine.active == 0
+        await settled(served.url)
+        records = {r.request_id: r for r in app.engine.history}
+        for index in range(1, 8, 2):
+            # Left when reset ("closed"), long before its 1500 tokens: released, not run to the end.
+            assert records[f"r{index}"].outcome == "closed", records[f"r{index}"]
+            assert records[f"r{index}"].generated < 1500
+        assert_kv_released(app.engine)
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 60) -> None:
+    """Polls ``condition`` on real time (real sockets), with a deadline generous for a busy machine."""
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.02)
 
 
 @pytest.mark.socket
@@ -270,7 +330,23 @@ async def test_slow_reader_does_not_stall_others_and_releases_its_kv() -> None:
         assert record.generated < 400
         assert app.metrics.aborted.labels("stalled")._value.get() == 1
         assert len(slow.streams[stalled].data) <= 1024
-        await slow.reset(stalled)
+        await until(lambda: slow.streams[stalled].reset)  # the server reset it (CANCEL): nobody read it
+        await slow.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.socket
+async def test_slow_reader_that_goes_away_is_let_go() -> None:
+    app = demo_app()
+    long = {"messages": user("slow"), "max_tokens": 100, "ignore_eos": True, "stream": True}
+    async with serve_on_loopback(app) as served, trio.open_nursery() as nursery:
+        slow = await H2Client.connect(served.url, nursery, read=False)
+        gone = await slow.post(CHAT, long, {"x-request-id": "gone"})
+        await until(lambda: any(r.request_id == "gone" for r in app.engine.history))
+        assert app.generating, "the unread response is still being sent"
+        await slow.reset(gone)  # it goes away: the response ends, nothing of it stays
+        await until(lambda: not app.generating)
+        assert_kv_released(app.engine)
         await slow.aclose()
         nursery.cancel_scope.cancel()
 
@@ -292,5 +368,5 @@ async def test_short_soak_loses_nothing() -> None:
     assert sum(report.outcomes.values()) == 300
     assert report.json_parsed > 0  # JSON-mode requests were in the mix, and those that finished parsed
     assert health["status"] == "ok"
-    assert live_caches() == 0
+    assert_kv_released(app.engine)
     assert growth_mb < 200, growth_mb

@@ -101,7 +101,8 @@ def test_batched_tokens_equal_solo_tokens(
         name = arrival.request.request_id
         assert batched[name] == solo[name], name
     assert max(len(p) for p in batched.values()) == 20
-    assert live_caches() == 0
+    assert live_caches() == 0  # the prefill caches, copied into the arena, are gone
+    assert runner.arena is not None and runner.arena.free_slots == runner.arena.slots
 
 
 def test_a_released_slot_is_free_at_once_and_decode_covers_only_live_rows(runner: TransformersRunner) -> None:
@@ -152,13 +153,16 @@ def test_one_request_per_pass_mode_gives_the_same_tokens(
 
 
 def test_seeded_sampling_is_independent_of_batch(runner: TransformersRunner) -> None:
-    def seeded(name: str) -> GenerationRequest:
-        return GenerationRequest(name, (5, 6, 7), SamplingParams(temperature=1.0, seed=42, max_tokens=10))
+    def seeded(name: str, seed: int) -> GenerationRequest:
+        return GenerationRequest(name, (5, 6, 7), SamplingParams(temperature=1.0, seed=seed, max_tokens=10))
 
-    alone = drive(runner, [Arrival(0, seeded("s"))])["s"]
-    crowd = drive(runner, [Arrival(0, greedy("g", [9, 9, 9, 9], 10)), Arrival(0, seeded("s")), Arrival(2, seeded("t"))])
-    assert crowd["s"] == alone
-    assert crowd["t"] == alone
+    alone = {seed: drive(runner, [Arrival(0, seeded("s", seed))])["s"] for seed in (42, 43)}
+    assert alone[42] != alone[43]  # the seed decides the draws (a seed ignored or made constant fails here)
+    crowd = drive(
+        runner, [Arrival(0, greedy("g", [9, 9, 9, 9], 10)), Arrival(0, seeded("s", 42)), Arrival(2, seeded("t", 43))]
+    )
+    assert crowd["s"] == alone[42]
+    assert crowd["t"] == alone[43]
 
 
 def _windowed_model(kind: str, tokenizer: ChatTokenizer) -> PreTrainedModel:

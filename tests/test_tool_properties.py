@@ -38,32 +38,33 @@ NAMES = st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=5)
 
 
 @st.composite
-def parameters(draw: st.DrawFn) -> dict[str, Any]:
-    """An object schema; some properties are ``$ref``s into ``$defs`` (as pydantic writes nested models)."""
+def parameters(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An object schema; some properties are ``$ref``s into ``$defs`` (as pydantic writes nested models).
+
+    Returns the schema sent, and the same schema with every object closed (``"additionalProperties":
+    false``) to validate against: the sent one leaves some objects open, as JSON Schema does by default,
+    and the server closes them (README) so a call never carries arguments its function does not take.
+    """
     keys = draw(st.lists(NAMES, min_size=0, max_size=3, unique=True))
-    defs = {}
+
+    def object_schema(properties: dict[str, Any], required: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        schema = {"type": "object", "properties": properties, "required": required}
+        closed = schema | {"additionalProperties": False}
+        return (closed if draw(st.booleans()) else schema), closed
+
+    sent_defs, closed_defs = {}, {}
     properties = {}
     for key in keys:
         leaf = draw(LEAVES)
         if draw(st.booleans()):
-            defs[f"D{key}"] = {
-                "type": "object",
-                "properties": {"v": leaf},
-                "required": ["v"],
-                "additionalProperties": False,
-            }
+            sent_defs[f"D{key}"], closed_defs[f"D{key}"] = object_schema({"v": leaf}, ["v"])
             properties[key] = {"$ref": f"#/$defs/D{key}"}
         else:
             properties[key] = leaf
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "required": keys,
-        "additionalProperties": False,
-    }
-    if defs:
-        schema["$defs"] = defs
-    return schema
+    sent, closed = object_schema(properties, keys)
+    if sent_defs:
+        sent, closed = sent | {"$defs": sent_defs}, closed | {"$defs": closed_defs}
+    return sent, closed
 
 
 TOOLSETS = st.lists(st.tuples(NAMES, parameters()), min_size=1, max_size=3, unique_by=lambda t: t[0])
@@ -74,16 +75,18 @@ async def test_every_returned_call_validates() -> None:
         client = openai.OpenAI(api_key="-", base_url=served.url + "/v1", max_retries=0)
         bias = {str(token("<tool_call>")): 100}
 
-        @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         @given(
             toolset=TOOLSETS,
             mode=st.sampled_from(["auto", "required", "named"]),
             stream=st.booleans(),
             seed=st.integers(0, 1000),
         )
-        def check(toolset: list[tuple[str, dict[str, Any]]], mode: str, stream: bool, seed: int) -> None:
-            tools = [{"type": "function", "function": {"name": n, "parameters": p}} for n, p in toolset]
-            schemas = dict(toolset)
+        def check(
+            toolset: list[tuple[str, tuple[dict[str, Any], dict[str, Any]]]], mode: str, stream: bool, seed: int
+        ) -> None:
+            tools = [{"type": "function", "function": {"name": n, "parameters": p}} for n, (p, _) in toolset]
+            schemas = {name: closed for name, (_, closed) in toolset}
             choice: Any = {"type": "function", "function": {"name": toolset[0][0]}} if mode == "named" else mode
             request = {
                 "model": "m",
