@@ -493,6 +493,7 @@ def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], s
             break
         time.sleep(0.1)
     process.kill()
+    process.wait()
     raise AssertionError(log.read_text())
 
 
@@ -530,6 +531,7 @@ def test_sigterm_with_only_idle_connections_closes_them_and_exits_at_once(tmp_pa
         assert "shut down cleanly" in log.read_text()
     finally:
         process.kill()
+        process.wait()  # reaped here, not by the garbage collector during a later test
 
 
 @pytest.mark.slow
@@ -561,6 +563,7 @@ def test_sigterm_with_twenty_short_streams_exits_soon_after_the_last_ends(tmp_pa
         assert "shut down cleanly" in log.read_text()
     finally:
         process.kill()
+        process.wait()  # reaped here, not by the garbage collector during a later test
 
 
 # -- /health -------------------------------------------------------------------------------------------------
