@@ -10,7 +10,7 @@ serve *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
-# The test suite beside one spinning process per core (each stops by itself after 20 min): a test that hopes the machine is fast fails here
+# The test suite beside one spinning process per core (each stops by itself after 30 min): a test that hopes the machine is fast fails here
 test-busy *ARGS:
     python -m tests.busy -- python -m pytest {{ARGS}}
 

@@ -26,7 +26,7 @@ SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.busy", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="spinning processes (one a core)")
-    parser.add_argument("--seconds", type=float, default=1200.0, help="each spinner stops by itself after this")
+    parser.add_argument("--seconds", type=float, default=1800.0, help="each spinner stops by itself after this")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run under load")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
