@@ -127,7 +127,7 @@ class RawH2:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.eof = True
 
-    async def until(self, done: Callable[[], bool], seconds: float = 5) -> None:
+    async def until(self, done: Callable[[], bool], seconds: float = 30) -> None:  # a bound for hangs, not speed
         with trio.fail_after(seconds):
             while not done() and not self.eof:
                 await self.pump()

@@ -200,7 +200,7 @@ async def _drain_scenario(app: TrioserveApp, config: Config, stop: trio.Event, l
         h2_in_flight = await h2.post(CHAT, long)
         await h2.wait_for(h2_in_flight, events=2)
         async with (
-            httpx.AsyncClient() as client,
+            httpx.AsyncClient(timeout=60) as client,
             client.stream("POST", url + CHAT, json=long) as response,
             aclosing(response.aiter_lines()) as lines,
         ):
