@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=args.seconds)]) for _ in range(args.workers)
     ]
     started = time.monotonic()
-    print(f"busy: {args.workers} spinning process(es), at most {args.seconds:g}s, beside: {' '.join(command)}", flush=True)
+    print(f"busy: {args.workers} spinning process(es), at most {args.seconds:g}s, beside:", *command, flush=True)
     try:
         status = subprocess.call(command)
     finally:
