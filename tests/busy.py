@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
+    # SIGTERM unwinds like Ctrl-C: the command and the spinners are killed and waited for on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     spinners = [
         subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=args.seconds)]) for _ in range(args.workers)
     ]
