@@ -194,11 +194,14 @@ GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 async def test_idle_connections_are_closed_after_the_keep_alive_timeout() -> None:
+    # Each connection is used as soon as it opens: the keep-alive timer also runs before a first request, and
+    # opening all 200 before using any took longer than the timeout on a busy machine.
     async with running(demo_app(keep_alive_timeout=1.0)) as url:
         host, port = urlsplit(url).hostname, urlsplit(url).port
         assert host is not None and port is not None
-        sockets = [await trio.open_tcp_stream(host, port) for _ in range(200)]
-        for stream in sockets:
+        sockets = []
+        for _ in range(200):
+            sockets.append(stream := await trio.open_tcp_stream(host, port))
             head, _ = await http1_request(stream, GET_HEALTH)
             assert head.startswith(b"HTTP/1.1 200")
         h2c = await RawH2.open(url)

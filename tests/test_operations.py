@@ -226,17 +226,17 @@ async def _drain_scenario(app: TrioserveApp, config: Config, stop: trio.Event, l
 @pytest.mark.socket
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    # Every forward step sleeps 0.1 s (tests.slow_cli), so both streams are still generating when SIGTERM
-    # comes right after their first tokens, however fast the machine: the short one has 39 steps to go, at
-    # least 3.9 s; the long one 1199, at least 120 s, far past the graceful timeout (20 s), so the drain's
-    # contract (README, Operations) decides each ending: the short one ends within the timeout with
-    # [DONE] (16 s of slack for a busy machine); the long one is cut 1 s before the timeout with the
-    # service_unavailable event; then the process exits 0.
-    with server_process(tmp_path, "tests.slow_cli", STEP_SECONDS="0.1", GRACEFUL_TIMEOUT="20") as server:
+    # Every forward step sleeps 0.25 s (tests.slow_cli), so both streams are still generating when SIGTERM
+    # comes right after their first tokens, however fast the machine: the short one has 11 steps to go, at
+    # least 2.75 s; the long one 1199, at least 300 s, far past the graceful timeout (30 s). The drain's
+    # contract (README, Operations) then decides each ending: the short one ends within the timeout with
+    # [DONE] (29 s for 12 steps; a busy machine took about 0.5 s a step); the long one is cut 1 s
+    # before the timeout with the service_unavailable event; then the process exits 0.
+    with server_process(tmp_path, "tests.slow_cli", STEP_SECONDS="0.25", GRACEFUL_TIMEOUT="30") as server:
         url = server.url
         short = {
             "messages": MESSAGES,
-            "max_tokens": 40,
+            "max_tokens": 12,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -256,11 +256,11 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
         assert all(line.startswith("data: {") for line in first)
         assert "draining: 2 request(s) in flight" in server.output()
         assert short_rest[-1] == "data: [DONE]"
-        assert json.loads(short_rest[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 40  # whole
+        assert json.loads(short_rest[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 12  # whole
         error = json.loads(long_rest[-1].removeprefix("data: "))["error"]
         assert error["type"] == "service_unavailable"
         assert all("error" not in json.loads(line.removeprefix("data: ")) for line in long_rest[:-1])  # tokens
-        assert time.monotonic() - signalled > 18  # cut at timeout - 1 s, not before (only a lower bound holds)
+        assert time.monotonic() - signalled > 28  # cut at timeout - 1 s, not before (only a lower bound holds)
         assert server.process.wait(timeout=60) == 0
         assert "shut down cleanly" in server.output()
 
