@@ -10,6 +10,10 @@ serve *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
+# The test suite beside one spinning process per core (each stops by itself after 30 min): a test that hopes the machine is fast fails here
+test-busy *ARGS:
+    python -m tests.busy -- python -m pytest {{ARGS}}
+
 # Lint, format check, strict typing and the layering contract (pyproject's [tool.importlinter])
 check:
     ruff check trioserve tests bench

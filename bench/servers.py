@@ -61,6 +61,7 @@ def server(
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 def parse_levels(text: str) -> list[tuple[int, int]]:

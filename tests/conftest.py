@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +19,30 @@ from trioserve.text.tokenization import ChatTokenizer
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="trioserve")
+
+
+_popen_init = subprocess.Popen.__init__
+_started: list[subprocess.Popen[Any]] = []  # during the current test
+
+
+def _recording_popen_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    _popen_init(self, *args, **kwargs)
+    _started.append(self)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fails the test that leaves a subprocess running or not waited for (no exit status collected), rather
+    than a later one: a `Popen` left to the garbage collector warns in whichever test runs then, and a
+    leftover server takes CPU from the rest of the suite. What it finds is killed and reaped."""
+    monkeypatch.setattr(subprocess.Popen, "__init__", _recording_popen_init)
+    yield
+    left = [process for process in _started if process.returncode is None]
+    _started.clear()
+    for process in left:
+        process.kill()
+        process.wait()
+    assert not left, f"the test left processes running or not waited for: {[p.args for p in left]}"
 
 
 @pytest.fixture(scope="session")

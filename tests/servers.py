@@ -1,12 +1,16 @@
-"""A real Hypercorn on loopback (port 0) around a real app, inside the test's trio loop."""
+"""A real Hypercorn on loopback (port 0) around a real app, inside the test's trio loop; or the real CLI in a
+subprocess (`server_process`), ended and waited for on every path."""
 
 from __future__ import annotations
 
 import functools
+import os
 import ssl
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +106,54 @@ async def serve_on_loopback(
         binds = await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         yield Served(binds[0], app)
         nursery.cancel_scope.cancel()
+
+
+@dataclass
+class ServerProcess:
+    """``python -m trioserve`` (or a module wrapping its CLI) running in a subprocess, and where it listens."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path  # its stdout and stderr
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def server_process(
+    tmp_path: Path, module: str = "trioserve", *, start_s: float = 120, **env: str
+) -> Iterator[ServerProcess]:
+    """Starts ``python -m module`` (port 0, hotload on, ``env`` added to the environment) and yields once it
+    listens. On the way out, whether the test passed or failed, the process is killed if it still runs and
+    always waited for: a `Popen` left to the garbage collector warns (``ResourceWarning``) in whichever later
+    test happens to be running, and a leftover server keeps taking CPU from the rest of the suite."""
+    log = tmp_path / f"{module}.log"
+    environ = os.environ | {"PYTHONUNBUFFERED": "1", "HOTLOAD": "true", "PORT": "0", **env}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module], stdout=out, stderr=subprocess.STDOUT, env=environ, cwd=ROOT
+        )
+    try:
+        deadline = time.monotonic() + start_s  # loading the model on a busy machine: generous
+        while "Running on http://" not in (text := log.read_text()):
+            assert process.poll() is None, f"the server exited with {process.returncode}:\n{text}"
+            assert time.monotonic() < deadline, f"the server did not listen within {start_s}s:\n{text}"
+            time.sleep(0.1)
+        yield ServerProcess(process, text.split("Running on ", 1)[1].split()[0], log)
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Kills the process unless it has exited, and reaps it (also when it had exited: that sets its status
+    and keeps `Popen.__del__` quiet)."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
 
 
 T = TypeVar("T")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import os
 import signal
-import subprocess
-import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -23,7 +21,7 @@ from quart.typing import TestClientProtocol as Client
 
 from tests.fakes import DECODE_SECONDS, PREFILL_SECONDS, FakeRunner
 from tests.h2client import H2Client
-from tests.servers import demo_app
+from tests.servers import demo_app, server_process
 from trioserve.api.chat import ChatService
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.engine.engine import Engine
@@ -161,7 +159,9 @@ async def test_metrics_change_as_requests_run_and_abort() -> None:
             assert metric(before, name) == 0
         assert metric(before, 'trioserve_aborted_requests_total{reason="deadline"}') == 0
         await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, "ignore_eos": True})
-        deadline = {"X-Request-Timeout": "0.5"}  # 500 tokens at 30 ms a step: always hit, after a first token
+        # 500 tokens at 30 ms a step or more take 15 s: the deadline always hits, after a first token even on a
+        # busy machine (2 s leaves room for many slow steps).
+        deadline = {"X-Request-Timeout": "2"}
         await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 500, "ignore_eos": True}, headers=deadline)
         after = (await (await client.get("/metrics")).get_data()).decode()
     assert metric(after, "trioserve_completion_tokens_total") >= 3
@@ -181,10 +181,12 @@ async def test_drain_finishes_in_flight_refuses_new_and_returns() -> None:
     app = demo_app(slow=True)
     config = Config()
     config.bind = ["127.0.0.1:0"]
-    config.graceful_timeout = 3
+    # The drain cuts what still runs 1 s before the graceful timeout; the streams here need 40 steps of at
+    # least 30 ms (1.2 s), seconds on a busy machine: the timeout is far enough that only a hang reaches it.
+    config.graceful_timeout = 30
     stop = trio.Event()
     long = {"messages": MESSAGES, "max_tokens": 40, "ignore_eos": True, "stream": True}
-    with trio.fail_after(30):
+    with trio.fail_after(90):
         await _drain_scenario(app, config, stop, long)
     # serve() returned on its own, without an error: nothing was left running.
     assert app.engine.active == 0
@@ -198,7 +200,7 @@ async def _drain_scenario(app: TrioserveApp, config: Config, stop: trio.Event, l
         h2_in_flight = await h2.post(CHAT, long)
         await h2.wait_for(h2_in_flight, events=2)
         async with (
-            httpx.AsyncClient() as client,
+            httpx.AsyncClient(timeout=60) as client,
             client.stream("POST", url + CHAT, json=long) as response,
             aclosing(response.aiter_lines()) as lines,
         ):
@@ -224,30 +226,43 @@ async def _drain_scenario(app: TrioserveApp, config: Config, stop: trio.Event, l
 @pytest.mark.socket
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    port_file = tmp_path / "log"
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "HOTLOAD": "true", "PORT": "0", "GRACEFUL_TIMEOUT": "20"}
-    with port_file.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "trioserve"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = None
-        for _ in range(300):
-            text = port_file.read_text()
-            if "Running on http://" in text:
-                url = text.split("Running on ", 1)[1].split()[0]
-                break
-            trio.run(trio.sleep, 0.1)
-        assert url is not None, port_file.read_text()
-        body = {"messages": MESSAGES, "max_tokens": 1200, "ignore_eos": True, "stream": True}
-        with httpx.Client(timeout=30) as client, client.stream("POST", url + CHAT, json=body) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            process.send_signal(signal.SIGTERM)
-            rest = list(lines)
-        assert [line for line in rest if line][-1] == "data: [DONE]"
-        assert process.wait(timeout=60) == 0
-        assert "shut down cleanly" in port_file.read_text()
-    finally:
-        process.kill()
+    # Every forward step sleeps 0.25 s (tests.slow_cli), so both streams are still generating when SIGTERM
+    # comes right after their first tokens, however fast the machine: the short one has 11 steps to go, at
+    # least 2.75 s; the long one 1199, at least 300 s, far past the graceful timeout (30 s). The drain's
+    # contract (README, Operations) then decides each ending: the short one ends within the timeout with
+    # [DONE] (29 s for 12 steps; a busy machine took about 0.5 s a step); the long one is cut 1 s
+    # before the timeout with the service_unavailable event; then the process exits 0.
+    with server_process(tmp_path, "tests.slow_cli", STEP_SECONDS="0.25", GRACEFUL_TIMEOUT="30") as server:
+        url = server.url
+        short = {
+            "messages": MESSAGES,
+            "max_tokens": 12,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        long = short | {"max_tokens": 1200}
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream("POST", url + CHAT, json=long) as long_response,
+            client.stream("POST", url + CHAT, json=short) as short_response,
+        ):
+            long_lines, short_lines = long_response.iter_lines(), short_response.iter_lines()
+            first = next(long_lines), next(short_lines)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            short_rest = [line for line in short_lines if line]
+            long_rest = [line for line in long_lines if line]
+        assert all(line.startswith("data: {") for line in first)
+        assert "draining: 2 request(s) in flight" in server.output()
+        assert short_rest[-1] == "data: [DONE]"
+        assert json.loads(short_rest[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 12  # whole
+        error = json.loads(long_rest[-1].removeprefix("data: "))["error"]
+        assert error["type"] == "service_unavailable"
+        assert all("error" not in json.loads(line.removeprefix("data: ")) for line in long_rest[:-1])  # tokens
+        assert time.monotonic() - signalled > 28  # cut at timeout - 1 s, not before (only a lower bound holds)
+        assert server.process.wait(timeout=60) == 0
+        assert "shut down cleanly" in server.output()
 
 
 async def test_requests_reaching_a_draining_app_get_503() -> None:

@@ -315,7 +315,7 @@ async def test_slow_reader_does_not_stall_others_and_releases_its_kv() -> None:
     async with serve_on_loopback(app) as served, trio.open_nursery() as nursery:
         slow = await H2Client.connect(served.url, nursery, read=False)  # 1 KiB window, never acknowledged
         stalled = await slow.post(CHAT, long | {"x": 1})
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=60) as http:  # the bound is the fail_after
             with trio.fail_after(30):
                 for _ in range(3):
                     quick = await http.post(served.url + CHAT, json={"messages": user("quick"), "max_tokens": 20})

@@ -46,5 +46,10 @@ def served_in_thread(app: Callable[[], TrioserveApp] | None = None, **settings: 
     try:
         yield served
     finally:
+        # Hypercorn's shutdown waits for open connections (graceful timeout 0.5 s) and the engine's last
+        # step: seconds at most, even on a busy machine. A server still running after that would serve on
+        # beside the rest of the suite, so it fails the test instead of being left behind.
         token.run_sync_soon(scope.cancel)
-        thread.join(timeout=30)
+        thread.join(timeout=60)
+        if thread.is_alive():
+            raise RuntimeError("the test server's thread did not end within 60 s of its cancellation")
