@@ -111,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="agent-shaped turns: prefix caching on, off, transformers serve",
     )
-    parser.add_argument("--conversations", type=int, default=6, help="--multi-turn: conversations at once")
-    parser.add_argument("--turns", type=int, default=8, help="--multi-turn: turns per conversation")
+    parser.add_argument("--conversations", type=int, default=5, help="--multi-turn: conversations at once")
+    parser.add_argument("--turns", type=int, default=6, help="--multi-turn: turns per conversation")
     parser.add_argument("--max-model-len", type=int, default=2560, help="--multi-turn: trioserve's context")
-    parser.add_argument("--control", type=int, default=8, help="--multi-turn: distinct-prompt requests (no reuse)")
+    parser.add_argument("--control", type=int, default=4, help="--multi-turn: distinct-prompt requests (no reuse)")
     parser.add_argument("--max-concurrent", type=int, default=4, help="--multi-turn: the servers' request slots")
     parser.add_argument("--prefix-cache-slots", type=int, default=4, help="--multi-turn: trioserve's cache-only slots")
     args = parser.parse_args(argv)

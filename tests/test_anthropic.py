@@ -156,8 +156,12 @@ def test_every_tool_use_input_validates() -> None:
             stream=st.booleans(),
             seed=st.integers(0, 1000),
         )
-        def check(toolset: list[tuple[str, dict[str, Any]]], mode: str, stream: bool, seed: int) -> None:
-            tools = [{"name": name, "input_schema": schema} for name, schema in toolset]
+        def check(
+            toolset: list[tuple[str, tuple[dict[str, Any], dict[str, Any]]]], mode: str, stream: bool, seed: int
+        ) -> None:
+            # Each tool: the schema sent (objects may be left open) and the same schema with every object that
+            # lists properties closed, which is what the server enforces and the call must validate against.
+            tools = [{"name": name, "input_schema": sent} for name, (sent, _) in toolset]
             choice: dict[str, Any] = {"type": mode, "disable_parallel_tool_use": True}
             if mode == "tool":
                 choice["name"] = toolset[0][0]
@@ -177,7 +181,7 @@ def test_every_tool_use_input_validates() -> None:
             calls = [block for block in message.content if block.type == "tool_use"]
             assert len(calls) == 1
             assert message.stop_reason == ("end_turn" if mode == "tool" else "tool_use")
-            schemas = dict(toolset)
+            schemas = {name: closed for name, (_, closed) in toolset}
             if mode == "tool":
                 assert calls[0].name == toolset[0][0]
             jsonschema.validate(calls[0].input, schemas[calls[0].name])

@@ -94,7 +94,7 @@ class TrioserveApp(QuartTrio):
         nursery: trio.Nursery | None = getattr(self, "nursery", None)
         if nursery is not None:
             timeout = self.settings.graceful_timeout
-            nursery.start_soon(self._end_generation_at, trio.current_time() + timeout - min(1.0, timeout / 4))
+            nursery.start_soon(self._end_generation_at, trio.current_time() + timeout - min(2.0, timeout / 2))
 
     async def _end_generation_at(self, deadline: float) -> None:
         with self._drain_deadline_scope:
