@@ -212,7 +212,8 @@ class PrefixCache:
         self.entries.pop(slot, None)
 
     def stats(self) -> PrefixCacheStats:
-        retained = [e for e in self.entries.values() if e.owner is None]
+        # list() copies in one step under the GIL: a scrape may run while a step changes the entries.
+        retained = [e for e in list(self.entries.values()) if e.owner is None]
         return PrefixCacheStats(
             queried_tokens=self.queried_tokens,
             hit_tokens=self.hit_tokens,
