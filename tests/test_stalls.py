@@ -207,7 +207,7 @@ async def test_an_http2_stream_nobody_reads_is_reset_with_cancel_and_the_connect
         body = {"messages": MESSAGES, "max_tokens": 1900, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
         abandoned = await client.post(CHAT, json.dumps({**body, "stream": True}).encode())
         client.ignored.add(abandoned)  # its window is never reopened; the connection's is
-        short = json.dumps({"messages": MESSAGES, "max_tokens": 5}).encode()
+        short = json.dumps({"messages": MESSAGES, "max_tokens": 5, "ignore_eos": True}).encode()  # sampled: no EOS
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.until, lambda: client.reset(abandoned) is not None, 60)
             (request_id,) = await wait_for_ids(served.engine, 1)
