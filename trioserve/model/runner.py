@@ -278,14 +278,14 @@ class TransformersRunner:
                 hit = Hit(hit.slot, hit.length, retained=False)
         return hit
 
-    def _prefill_chunk(self, chunk: PrefillChunk, hit: Hit | None = None) -> SampledToken | None:
+    def _prefill_chunk(self, chunk: PrefillChunk) -> SampledToken | None:
         """One chunk of one prompt, into that sequence's own cache (then its slot, after the last chunk).
 
         With a prefix-cache hit the first chunk starts where the hit ends (its keys and values seeded into the
         sequence's cache from the arena) and covers as many new tokens as the chunk would have.
         """
         if chunk.start == 0:
-            hit = hit if hit is not None else self._lookup(chunk.request)
+            hit = self._lookup(chunk.request)
             cache = DynamicCache(config=self.model.config)
             if hit is not None:
                 assert self.arena is not None
