@@ -4,6 +4,7 @@ and aborted streams that leave nothing live and the cache within its bound."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +58,6 @@ def metric(served: Served, name: str) -> float:
 def test_the_next_turn_reports_its_cached_prompt_tokens(served: Served) -> None:
     first = ask(served, "Where is parcel 1?")
     second = ask(served, "Where is parcel 2?")
-    assert cached(first) == 0 or cached(first) < first.usage.prompt_tokens  # an earlier test may have warmed it
     # The system prompt (and the template around it) came from the cache; the question did not.
     assert first.usage.prompt_tokens - 20 <= cached(second) < second.usage.prompt_tokens
     assert metric(served, "trioserve_prefix_cache_hit_tokens_total") >= cached(second)
@@ -128,9 +128,9 @@ def test_aborted_streams_leave_nothing_live_and_the_cache_bounded(served: Served
             stream.close()
     assert served.engine.runner is not None
     runner = served.engine.runner
-    for _ in range(300):  # the last aborts' releases land within a step or two
-        if metric(served, "trioserve_live_sequences") == 0:
-            break
+    deadline = time.monotonic() + 60  # the last aborts' releases land within a step or two (real sockets)
+    while metric(served, "trioserve_live_sequences") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert metric(served, "trioserve_live_sequences") == 0 and metric(served, "trioserve_kv_tokens") == 0
     assert metric(served, "trioserve_requests_running") == 0
     assert runner.arena is not None  # type: ignore[attr-defined]
