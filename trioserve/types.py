@@ -128,6 +128,22 @@ class OutputSchema:
         return self.schema is None and self.regex is None and self.choice is None and self.grammar is None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageInputs:
+    """What a vision-language model's processor made of a prompt's images, for the runner's first prefill.
+
+    ``features``: the processor's outputs besides the token ids (``pixel_values``, ``image_grid_thw``...),
+    opaque to every layer but the model's (torch tensors). ``digests``: a content hash of each image, in
+    prompt order. ``spans``: ``(start, end)`` of each image's tokens in the prompt ids: no prefill chunk ends
+    inside one, and the prefix cache keys those tokens by the image's digest (two prompts that differ only
+    in an image never share KV).
+    """
+
+    features: Mapping[str, Any]
+    digests: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One sequence to generate: prompt token ids after the chat template, and how to sample."""
@@ -137,6 +153,8 @@ class GenerationRequest:
     params: SamplingParams = SamplingParams()
     # Who may share this prompt's cached KV: requests of one tenant (API key) and one `cache_salt` only.
     cache_scope: str = ""
+    # The prompt's images (vision-language models only): None for a text-only prompt.
+    images: ImageInputs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,3 +342,19 @@ class Tokenizer(Protocol):
     def token_bytes(self, token_id: int) -> bytes: ...
 
     def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer: ...
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model is a vision-language one (`encode_images` works)."""
+        ...
+
+    def encode_images(self, prompt: str, images: Sequence[Any]) -> tuple[list[int], ImageInputs]:
+        """A rendered prompt whose image placeholders (from ``{"type": "image"}`` content parts in the messages
+        given to `render_chat`) stand for ``images`` (decoded ``PIL.Image.Image``s, in order), tokenized
+        with each placeholder expanded to the image's tokens, and the images preprocessed. CPU-heavy: serving
+        calls it in a worker thread.
+
+        Raises:
+            InvalidRequest: the model takes no images, or the images do not match the placeholders.
+        """
+        ...

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from trioserve.errors import InvalidRequest
+from trioserve.types import ImageInputs
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens kept as left context when decoding: enough for tokenizers whose pieces decode differently
@@ -123,6 +124,13 @@ class ChatTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes a token stands for, as OpenAI's logprobs report them."""
         return self.decode([token_id]).encode("utf-8", errors="replace")
+
+    @property
+    def takes_images(self) -> bool:
+        return False
+
+    def encode_images(self, prompt: str, images: Sequence[Any]) -> tuple[list[int], ImageInputs]:
+        raise InvalidRequest("this model does not take image input", param="messages")
 
     def detokenizer(self, prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
