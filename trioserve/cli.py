@@ -22,7 +22,9 @@ from hypercorn.trio import serve
 
 from trioserve.config import ConfigError, Settings, load_settings
 from trioserve.engine.engine import Engine
-from trioserve.model.loading import check_settings, load_runner
+from trioserve.model import ranks
+from trioserve.model.loading import check_settings, load_runner, resolve_device
+from trioserve.model.tprunner import FollowerRunner, TensorParallelRunner, check_same_setup, follow
 from trioserve.server import hypercorn_fixes
 from trioserve.server.app import TrioserveApp, create_app
 from trioserve.server.metrics import Metrics
@@ -80,26 +82,92 @@ async def drain_on_signal(app: TrioserveApp) -> None:
             return
 
 
-async def serve_forever(settings: Settings) -> None:
-    app = build_app(settings)
+async def serve_forever(settings: Settings, sharded: TensorParallelRunner | None = None) -> int:
+    """Serves until SIGTERM/SIGINT (exit code 0), or until the tensor-parallel group ``sharded`` fails (1)."""
+    app = build_app(settings, None if sharded is None else lambda: sharded)
     config = hypercorn_config(settings, app.send_limits)
     scheme = "https" if settings.certfile else "http"
     logger.info("trioserve listening on %s://%s:%d (HTTP/1.1 and HTTP/2)", scheme, settings.host, settings.port)
-    await serve(app, config, shutdown_trigger=functools.partial(drain_on_signal, app))
+    broken = trio.Event()
+    if sharded is not None:
+        token = trio.lowlevel.current_trio_token()
+        sharded.on_broken = lambda _: trio.from_thread.run_sync(broken.set, trio_token=token)
+
+    async def shutdown_trigger() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_broken() -> None:
+                await broken.wait()
+                logger.error("the tensor-parallel group failed: draining, then exiting with an error")
+                app.start_draining()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_broken)
+            await drain_on_signal(app)
+            nursery.cancel_scope.cancel()
+
+    await serve(app, config, shutdown_trigger=shutdown_trigger)
     runner = app.engine.runner
-    logger.info("shut down cleanly (%d sequences hold KV)", runner.live_sequences() if runner is not None else 0)
+    logger.info("shut down (%d sequences hold KV)", runner.live_sequences() if runner is not None else 0)
+    return 1 if broken.is_set() else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        rank = f" [rank {os.environ.get('RANK', '0')}]" if settings.tensor_parallel_size > 1 else ""
+        logging.basicConfig(
+            level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{rank}: %(message)s"
+        )
         check_settings(settings)
     except ConfigError as exc:
         print(f"trioserve: configuration error: {exc}", file=sys.stderr)
         return 2
-    trio.run(serve_forever, settings)
-    return 0
+    if settings.tensor_parallel_size > 1:
+        return serve_sharded(settings, sys.argv[1:] if argv is None else argv)
+    return trio.run(serve_forever, settings)
+
+
+def serve_sharded(settings: Settings, argv: Sequence[str]) -> int:
+    """``--tensor-parallel-size`` N: rank 0 serves, every other rank follows (`trioserve.model.tprunner`).
+
+    Started alone, rank 0 spawns the other N-1 ranks on this machine; under torchrun the ranks are its own.
+    Rank 0 stops the followers as it exits, however it exits.
+    """
+    try:
+        ranks.check_model(settings)
+        device = resolve_device(settings.device)
+        ranks.check_setup(settings, device)
+        if ranks.under_launcher() and int(os.environ["WORLD_SIZE"]) != settings.tensor_parallel_size:
+            raise ConfigError(
+                f"torchrun started {os.environ['WORLD_SIZE']} ranks but --tensor-parallel-size is "
+                f"{settings.tensor_parallel_size}; they must be equal"
+            )
+    except ConfigError as exc:
+        print(f"trioserve: configuration error: {exc}", file=sys.stderr)
+        return 2
+    followers = None if ranks.under_launcher() else ranks.spawn_followers(settings.tensor_parallel_size, argv)
+    sharded: TensorParallelRunner | None = None
+    try:
+        group = ranks.join(device)
+        if not group.leader:
+            ranks.watch_leader()
+            follower = load_runner(settings, runner_class=FollowerRunner, device=group.device)
+            assert isinstance(follower, FollowerRunner)
+            check_same_setup(follower, group)
+            return follow(follower, group)
+        sharded = TensorParallelRunner(load_runner(settings, device=group.device), group)
+        check_same_setup(sharded.inner, group)
+        return trio.run(serve_forever, settings, sharded)
+    except Exception:
+        logger.exception("rank %s failed", os.environ.get("RANK"))
+        return 1
+    finally:
+        if sharded is not None:
+            sharded.close()
+        if followers is not None:
+            followers.stop()
+        ranks.leave()
 
 
 def run() -> None:

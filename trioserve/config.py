@@ -65,6 +65,9 @@ class Settings(BaseModel):
     prefix_cache_slots: int = Field(
         0, ge=0, description="arena slots beyond --max-concurrent that only hold prefix-cache entries"
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks (GPUs, or CPU processes) one model is sharded over; needs --model"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(7088, ge=0, le=65535, description="port to listen on")
     certfile: str | None = Field(None, description="TLS certificate (enables HTTPS with HTTP/2 via ALPN)")
@@ -127,6 +130,7 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "cuda_graphs": ("CUDA_GRAPHS",),
     "prefix_caching": ("PREFIX_CACHING",),
     "prefix_cache_slots": ("PREFIX_CACHE_SLOTS",),
+    "tensor_parallel_size": ("TENSOR_PARALLEL_SIZE",),
     "host": ("HOST",),
     "port": ("PORT",),
     "certfile": ("SSL_CERTFILE",),

@@ -101,13 +101,30 @@ def _eos_ids(model: PreTrainedModel, tokenizer: ChatTokenizer) -> frozenset[int]
     return frozenset(ids)
 
 
-def load_runner(settings: Settings) -> TransformersRunner:
+def _sharding(size: int) -> object | None:
+    """The model's own tensor-parallel plan over ``size`` ranks (None: one process holds the whole model)."""
+    if size == 1:
+        return None
+    from transformers import DistributedConfig
+
+    return DistributedConfig(tp_plan="auto", tp_size=size)
+
+
+def load_runner(
+    settings: Settings,
+    *,
+    runner_class: type[TransformersRunner] = TransformersRunner,
+    device: torch.device | None = None,
+) -> TransformersRunner:
     """Loads the model named by the settings (or builds the demo) and wraps it in a runner.
+
+    With ``--tensor-parallel-size`` above 1 the process group must be joined first (`trioserve.model.ranks`):
+    each rank loads its shard (``tp_plan="auto"``) onto ``device``, its own, and its runner is a ``runner_class``.
 
     Raises:
         ConfigError: the settings ask for something this machine or install cannot do.
     """
-    device = resolve_device(settings.device)
+    device = device or resolve_device(settings.device)
     dtype = resolve_dtype(settings.torch_dtype, device)
     attention = resolve_attention(settings.attn_implementation, device, dtype)
     if settings.model is None:
@@ -126,7 +143,7 @@ def load_runner(settings: Settings) -> TransformersRunner:
         hf_tokenizer, model = _load_pretrained(settings, device, dtype, attention)
         model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
     tokenizer = ChatTokenizer(hf_tokenizer)
-    runner = TransformersRunner(
+    runner = runner_class(
         model,
         tokenizer,
         model_id=settings.served_model_name or model_id,
@@ -170,6 +187,8 @@ def _load_pretrained(
             attn_implementation=attn_implementation,
             quantization_config=quantization,
             device_map=str(device) if quantization is not None else None,
+            # Sharded by transformers over the process group's ranks (each onto its LOCAL_RANK's device).
+            distributed_config=_sharding(settings.tensor_parallel_size),
             trust_remote_code=settings.trust_remote_code,
         )
         return model

@@ -241,6 +241,10 @@ class TransformersRunner:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
+    def _sample(self, logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[SampledToken]:
+        """Each row's next token (a hook: a tensor-parallel follower takes rank 0's tokens instead)."""
+        return sample_rows(logits, samplers, self._eos_token_ids)
+
     def _new_sequence(self, chunk: PrefillChunk, cache: DynamicCache | None, hit: Hit | None = None) -> _Sequence:
         """The sequence's state and its arena slot: with prefix caching, the hit's own slot when it is a retained
         one worth taking in place, else an empty or the least recently used retained slot (see `PrefixCache`)."""
@@ -306,7 +310,7 @@ class TransformersRunner:
         if self.arena is not None:
             self._store(sequence, sequence.cache, 0)
             sequence.cache = None
-        (token,) = sample_rows(logits, [sequence.sampler], self._eos_token_ids)
+        (token,) = self._sample(logits, [sequence.sampler])
         sequence.last_token = token.token_id
         return token
 
@@ -378,7 +382,7 @@ class TransformersRunner:
             self._store(sequence, cache, row)
         if len(members) > len(leaders):
             logits = logits[torch.tensor([row for _, row in members], device=logits.device)]
-        tokens = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
+        tokens = self._sample(logits, [s.sampler for s in sequences])
         for sequence, token in zip(sequences, tokens, strict=True):
             sequence.last_token = token.token_id
         return {s.seq_id: t for s, t in zip(sequences, tokens, strict=True)}
@@ -398,7 +402,7 @@ class TransformersRunner:
             assert None not in slots, "a sequence decodes only once its prompt is in its slot"
             tokens = [s.last_token for s in sequences]
             logits = self._decode_step.run(slots, tokens, [s.length for s in sequences])  # type: ignore[arg-type]
-        sampled = sample_rows(logits, [s.sampler for s in sequences], self._eos_token_ids)
+        sampled = self._sample(logits, [s.sampler for s in sequences])
         for sequence, token in zip(sequences, sampled, strict=True):
             sequence.length += 1
             sequence.fed.append(sequence.last_token)  # its KV is now held (a live prefix-cache entry grows)

@@ -44,6 +44,17 @@ class _EngineGauges(Collector):
             "Sequences whose KV the runner holds.",
             value=runner.live_sequences() if runner is not None else 0,
         )
+        # A tensor-parallel runner also knows each rank's count, as of the last step or heartbeat.
+        by_rank: list[int] | None = getattr(runner, "rank_live_sequences", None)
+        if by_rank is not None:
+            ranks = GaugeMetricFamily(
+                "trioserve_rank_live_sequences",
+                "Sequences whose KV each tensor-parallel rank holds, as of its last step or heartbeat.",
+                labels=["rank"],
+            )
+            for rank, count in enumerate(by_rank):
+                ranks.add_metric([str(rank)], count)
+            yield ranks
         stats = runner.prefix_cache_stats() if runner is not None else None
         if stats is None:
             return
