@@ -1,0 +1,205 @@
+"""Tensor parallelism on the CPU: two gloo ranks of ``python -m trioserve --tensor-parallel-size 2`` serving
+over HTTP, against one process; a follower killed mid-stream; SIGTERM; aborted streams; startup errors.
+
+Every server here is a real subprocess tree (rank 0 and the follower it spawns), ended and waited for on
+every path; a test that ends a server also checks that no rank survives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import trio
+
+from tests.servers import ROOT, ServerProcess, serve_on_loopback, server_process, stop_process
+from trioserve.cli import build_app
+from trioserve.config import Settings
+from trioserve.model.tinymodel import build_model, build_tokenizer
+
+pytestmark = [pytest.mark.socket, pytest.mark.slow]
+
+PROMPTS = ["the quick brown fox", "hello", "a much longer prompt about servers and tensors and ranks", "zz"]
+TP_ENV = {"TENSOR_PARALLEL_SIZE": "2", "DEVICE": "cpu", "TORCH_DTYPE": "float64", "MAX_CONCURRENT": "8"}
+BOUND_S = 60.0  # an upper bound only: how long a rank may take to notice and exit on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama (4 heads, 2 KV heads) saved in float64, as each rank loads its shard of it."""
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, dtype=torch.float64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def follower_pids(server: ServerProcess) -> list[int]:
+    found = re.search(r"spawned ranks 1\.\.\d+ \(pids \[([\d, ]+)\]\)", server.output())
+    assert found is not None, server.output()
+    return [int(pid) for pid in found.group(1).split(",")]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + BOUND_S
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"ranks {pids} still run"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def tp_server(tmp_path: Path, model_dir: Path) -> Iterator[ServerProcess]:
+    with server_process(tmp_path, HF_MODEL=str(model_dir), **TP_ENV) as server:
+        pids = follower_pids(server)
+        try:
+            yield server
+        finally:
+            stop_process(server.process)
+            wait_gone(pids)  # killed rank 0: its follower sees its pipe close and exits
+
+
+async def complete_all(url: str) -> list[tuple[str, list[str]]]:
+    """The prompts as concurrent greedy legacy completions: each one's text and its tokens."""
+    results: dict[int, tuple[str, list[str]]] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(index: int) -> None:
+            body = {"model": "m", "prompt": PROMPTS[index], "max_tokens": 24, "temperature": 0, "logprobs": 0}
+            response = await client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            results[index] = (choice["text"], choice["logprobs"]["tokens"])
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(PROMPTS)):
+                nursery.start_soon(one, index)
+    return [results[i] for i in range(len(PROMPTS))]
+
+
+async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_streams(
+    tp_server: ServerProcess, model_dir: Path
+) -> None:
+    settings = Settings(model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8)
+    async with serve_on_loopback(build_app(settings)) as served:
+        expected = await complete_all(served.url)
+    got = await complete_all(tp_server.url)
+    assert got == expected  # float64: summation order across the shards cannot hide a wrong token
+    assert all(len(tokens) == 24 or text for text, tokens in got)
+
+    # 200 streams cut after their first chunk: every rank releases them all.
+    async with httpx.AsyncClient(base_url=tp_server.url, timeout=120) as client:
+
+        async def abort(index: int) -> None:
+            body = {"model": "m", "prompt": f"abort {index}", "max_tokens": 500, "stream": True, "ignore_eos": True}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                async for _ in response.aiter_lines():
+                    break  # leaving the block closes the connection mid-stream
+
+        async with trio.open_nursery() as nursery:
+            limit = trio.CapacityLimiter(20)
+
+            async def limited(index: int) -> None:
+                async with limit:
+                    await abort(index)
+
+            for index in range(200):
+                nursery.start_soon(limited, index)
+
+        # The releases reach the follower with the next message (a step, or the heartbeat when idle).
+        deadline = trio.current_time() + BOUND_S
+        while True:
+            metrics = (await client.get("/metrics")).text
+            counts = re.findall(r'^trioserve_rank_live_sequences\{rank="(\d)"\} (\S+)$', metrics, re.M)
+            if counts == [("0", "0.0"), ("1", "0.0")]:
+                break
+            assert trio.current_time() < deadline, counts
+            await trio.sleep(0.2)
+        health = (await client.get("/health")).json()
+        assert health["status"] == "ok" and health["live_sequences"] == 0
+
+
+async def test_a_follower_killed_mid_stream_fails_the_stream_and_the_server_exits(tp_server: ServerProcess) -> None:
+    (follower,) = follower_pids(tp_server)
+    body = {"model": "m", "prompt": "long", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=tp_server.url, timeout=BOUND_S) as client:
+        lines = []
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if not lines:
+                    os.kill(follower, signal.SIGKILL)
+                lines.append(line)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "error" in events[-1], lines[-3:]
+        assert "tensor-parallel group failed" in events[-1]["error"]["message"]
+        assert len(events) < 2000
+        try:
+            health = await client.get("/health")
+        except httpx.TransportError:
+            pass  # already gone
+        else:
+            assert health.status_code == 503
+    code = await trio.to_thread.run_sync(lambda: tp_server.process.wait(BOUND_S))
+    assert code == 1
+    assert "the tensor-parallel group failed: draining, then exiting with an error" in tp_server.output()
+
+
+async def test_sigterm_drains_rank_0_then_ends_every_rank(tp_server: ServerProcess) -> None:
+    followers = follower_pids(tp_server)
+    body = {"model": "m", "prompt": "drain me", "max_tokens": 40, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=tp_server.url, timeout=BOUND_S) as client:
+        chunks = 0
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if chunks == 0:
+                    tp_server.process.send_signal(signal.SIGTERM)
+                chunks += line.startswith("data: {")
+                assert "error" not in line
+        assert chunks >= 40 / 16  # the stream in flight finished: tokens come up to 16 a chunk
+    code = await trio.to_thread.run_sync(lambda: tp_server.process.wait(BOUND_S))
+    assert code == 0
+    wait_gone(followers)
+    assert "rank 1: stopped by rank 0" in tp_server.output()
+
+
+def test_heads_that_do_not_divide_are_a_startup_error(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, num_heads=6, num_kv_heads=3, hidden_size=48).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    env = os.environ | {"HF_MODEL": str(tmp_path / "m"), **TP_ENV}
+    done = subprocess.run(
+        [sys.executable, "-m", "trioserve"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "--tensor-parallel-size 2 does not divide" in done.stderr
+    assert "6 attention heads and 3 KV heads; sizes that work: 1, 3" in done.stderr
+    assert "spawned" not in done.stderr  # refused before any rank started
+
+
+def test_the_demo_model_cannot_be_sharded() -> None:
+    env = os.environ | TP_ENV
+    done = subprocess.run(
+        [sys.executable, "-m", "trioserve"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "--tensor-parallel-size needs a real model" in done.stderr
