@@ -11,10 +11,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -98,9 +100,7 @@ async def complete_all(url: str) -> list[tuple[str, list[str]]]:
 async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_streams(
     tp_server: ServerProcess, model_dir: Path
 ) -> None:
-    settings = Settings(model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8)
-    async with serve_on_loopback(build_app(settings)) as served:
-        expected = await complete_all(served.url)
+    expected = await reference(model_dir)
     got = await complete_all(tp_server.url)
     assert got == expected  # float64: summation order across the shards cannot hide a wrong token
     assert all(len(tokens) == 24 or text for text, tokens in got)
@@ -180,6 +180,88 @@ async def test_sigterm_drains_rank_0_then_ends_every_rank(tp_server: ServerProce
     assert code == 0
     wait_gone(followers)
     assert "rank 1: stopped by rank 0" in tp_server.output()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextmanager
+def torchruns(tmp_path: Path, model_dir: Path, *launcher_args: list[str]) -> Iterator[str]:
+    """One ``torchrun ... -m trioserve`` per argument list (the "nodes"), each in a session of its own; yields
+    rank 0's URL. On the way out each is SIGTERMed (torchrun forwards it to its ranks), and whatever still
+    runs after the bound is killed with its whole session; every rank must be gone."""
+    processes, logs, ranks = [], [], []
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "PORT": "0", "HF_MODEL": str(model_dir), **TP_ENV}
+    try:
+        for index, args in enumerate(launcher_args):
+            logs.append(tmp_path / f"torchrun{index}.log")
+            with logs[-1].open("w") as out:
+                command = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "trioserve"]
+                processes.append(
+                    subprocess.Popen(
+                        command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + 120
+        while not any("Running on http://" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in processes), [log.read_text() for log in logs]
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            time.sleep(0.1)
+        ranks = [pid for process in processes for pid in descendants(process.pid)]
+        text = next(text for log in logs if "Running on http://" in (text := log.read_text()))
+        yield text.split("Running on ", 1)[1].split()[0]
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(BOUND_S)
+        wait_gone(ranks)
+        assert any("rank 1: stopped by rank 0" in log.read_text() for log in logs)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def reference(model_dir: Path) -> list[tuple[str, list[str]]]:
+    """What one process answers to `PROMPTS`."""
+    settings = Settings(model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8)
+    async with serve_on_loopback(build_app(settings)) as served:
+        return await complete_all(served.url)
+
+
+async def test_torchrun_on_one_machine(tmp_path: Path, model_dir: Path) -> None:
+    expected = await reference(model_dir)
+    with torchruns(tmp_path, model_dir, ["--nproc-per-node", "2"]) as url:
+        assert await complete_all(url) == expected
+
+
+async def test_two_nodes_of_one_rank_each_through_torchruns_rendezvous(tmp_path: Path, model_dir: Path) -> None:
+    expected = await reference(model_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "tp-test"]
+    node += ["--rdzv-endpoint", f"127.0.0.1:{port}"]
+    with torchruns(tmp_path, model_dir, node, node) as url:
+        assert await complete_all(url) == expected
 
 
 def test_heads_that_do_not_divide_are_a_startup_error(tmp_path: Path) -> None:

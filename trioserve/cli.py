@@ -151,6 +151,10 @@ def serve_sharded(settings: Settings, argv: Sequence[str]) -> int:
     try:
         group = ranks.join(device)
         if not group.leader:
+            # A follower ends when rank 0 stops it or is gone: torchrun's SIGTERM (or a Ctrl-C) to every rank
+            # must not end it while rank 0 still drains the requests in flight.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             ranks.watch_leader()
             follower = load_runner(settings, runner_class=FollowerRunner, device=group.device)
             assert isinstance(follower, FollowerRunner)
