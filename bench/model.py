@@ -21,10 +21,17 @@ SHAPE = {
 VOCAB = 16384
 
 
-def bench_model_dir(positions: int = 2048) -> Path:
+# For --tensor-parallel-size: SmolLM's 9 heads and 3 KV heads divide by no size but 3 and 9, so the sharded
+# benchmark uses the same width in 12 heads and 4 KV heads (sizes 2 and 4 work).
+SHARDABLE = {"num_heads": 12, "num_kv_heads": 4}
+
+
+def bench_model_dir(positions: int = 2048, *, shardable: bool = False) -> Path:
     """Builds the model on first use (about 10 s), then reuses it; ``positions``: its context (the multi-turn
-    trace needs more than the default)."""
-    path = CACHE / ("llama-115m-random" if positions == 2048 else f"llama-115m-random-{positions}")
+    trace needs more than the default); ``shardable``: the `SHARDABLE` heads, for tensor parallelism."""
+    name = "llama-115m-random" + ("" if positions == 2048 else f"-{positions}") + ("-12h" if shardable else "")
+    path = CACHE / name
     if not (path / "config.json").exists():
-        save_tiny_model(path, vocab_size=VOCAB, **(SHAPE | {"max_position_embeddings": positions}))
+        shape = SHAPE | {"max_position_embeddings": positions} | (SHARDABLE if shardable else {})
+        save_tiny_model(path, vocab_size=VOCAB, **shape)
     return path

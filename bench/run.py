@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 import trio
 
@@ -91,12 +92,33 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def tensor_parallel_costs(url: str) -> dict[str, float]:
+    """Rank 0's per-message cost of the plan broadcast and the counts' all-gather, from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for name in ("messages", "broadcast_seconds", "gather_seconds"):
+        line = next(line for line in text.splitlines() if line.startswith(f"trioserve_tp_{name}_total "))
+        values[name] = float(line.split()[1])
+    messages = max(values["messages"], 1.0)
+    return {
+        "messages": values["messages"],
+        "broadcast_us": values["broadcast_seconds"] / messages * 1e6,
+        "gather_us": values["gather_seconds"] / messages * 1e6,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
     parser.add_argument("--levels", default=None, help="concurrency:requests pairs (default 1:4,4:8,16:32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 64)")
     parser.add_argument("--skip-peers", action="store_true", help="do not run transformers serve")
     parser.add_argument("--trioserve-args", default="", help="extra flags for trioserve")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="serve trioserve over N ranks (gloo on the CPU); reports the per-step broadcast cost",
+    )
     parser.add_argument("--instant", action="store_true", help="the HTTP side's ceiling: a runner with no model")
     parser.add_argument("--step-ms", type=float, default=0.0, help="--instant: sleep per step (a device step)")
     parser.add_argument("--server-root", help="--instant: serve the trioserve package found in this checkout")
@@ -137,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     print("building/loading the benchmark model...", file=sys.stderr)
-    model_dir = bench_model_dir()
+    model_dir = bench_model_dir(shardable=args.tensor_parallel_size > 1)
     from transformers import AutoTokenizer
 
     tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(model_dir))
@@ -176,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "float32",
         "--log-level",
         "warning",
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
         *args.trioserve_args.split(),
     ]
     print("measuring trioserve...", file=sys.stderr)
@@ -184,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("measuring trioserve with response_format (constrained decoding)...", file=sys.stderr)
         json_body = {k: v for k, v in body.items() if k != "ignore_eos"} | {"response_format": JSON_FORMAT}
         ours_json = measure_server(url, levels, json_body)
+        collectives = tensor_parallel_costs(url) if args.tensor_parallel_size > 1 else None
 
     peers: dict[str, list[dict[str, float]]] = {}
     have_peer = importlib.util.find_spec("fastapi") is not None and importlib.util.find_spec("uvicorn") is not None
@@ -229,9 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trioserve": ours,
         "trioserve_json": ours_json,
         "peers": peers,
+        "tensor_parallel": collectives,
     }
     out = RESULTS / f"{stamp}.json"
     out.write_text(json.dumps(report, indent=2))
     print(table(report))
+    if collectives is not None:
+        print(
+            f"\ntensor parallel ({args.tensor_parallel_size} ranks): {collectives['messages']:.0f} messages, "
+            f"broadcast {collectives['broadcast_us']:.0f} us and live-count all-gather "
+            f"{collectives['gather_us']:.0f} us per message (rank 0, mean)"
+        )
     print(f"\nfigures written to {out}", file=sys.stderr)
     return 0

@@ -23,16 +23,21 @@ import httpx
 import pytest
 import torch
 import trio
+import yaml
 
 from tests.servers import ROOT, ServerProcess, serve_on_loopback, server_process, stop_process
 from trioserve.cli import build_app
 from trioserve.config import Settings
 from trioserve.model.tinymodel import build_model, build_tokenizer
 
-pytestmark = [pytest.mark.socket, pytest.mark.slow]
-
 PROMPTS = ["the quick brown fox", "hello", "a much longer prompt about servers and tensors and ranks", "zz"]
-TP_ENV = {"TENSOR_PARALLEL_SIZE": "2", "DEVICE": "cpu", "TORCH_DTYPE": "float64", "MAX_CONCURRENT": "8"}
+TP_ENV = {
+    "TENSOR_PARALLEL_SIZE": "2",
+    "DEVICE": "cpu",
+    "TORCH_DTYPE": "float64",
+    "MAX_CONCURRENT": "8",
+    "PREFILL_CHUNK": "16",
+}
 BOUND_S = 60.0  # an upper bound only: how long a rank may take to notice and exit on a busy 2-core machine
 
 
@@ -79,31 +84,42 @@ def tp_server(tmp_path: Path, model_dir: Path) -> Iterator[ServerProcess]:
             wait_gone(pids)  # killed rank 0: its follower sees its pipe close and exits
 
 
-async def complete_all(url: str) -> list[tuple[str, list[str]]]:
-    """The prompts as concurrent greedy legacy completions: each one's text and its tokens."""
-    results: dict[int, tuple[str, list[str]]] = {}
+LONG = " ".join(f"word{i}" for i in range(40))  # longer than PREFILL_CHUNK: prefilled in chunks
+REQUESTS: list[tuple[str, dict[str, object]]] = [
+    *(("/v1/completions", {"prompt": p, "temperature": 0, "logprobs": 0}) for p in [*PROMPTS, LONG]),
+    ("/v1/completions", {"prompt": "sampled once, on rank 0", "temperature": 1.0, "seed": 7, "logprobs": 0}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "json"}], "response_format": {"type": "json_object"}, "seed": 3},
+    ),
+]
+
+
+async def complete_all(url: str) -> list[object]:
+    """`REQUESTS`, all at once (greedy, seeded, grammar-constrained): each one's choice as the client sees it."""
+    results: dict[int, object] = {}
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
 
         async def one(index: int) -> None:
-            body = {"model": "m", "prompt": PROMPTS[index], "max_tokens": 24, "temperature": 0, "logprobs": 0}
-            response = await client.post("/v1/completions", json=body)
+            path, body = REQUESTS[index]
+            response = await client.post(path, json={"model": "m", "max_tokens": 24, **body})
             assert response.status_code == 200, response.text
-            choice = response.json()["choices"][0]
-            results[index] = (choice["text"], choice["logprobs"]["tokens"])
+            results[index] = response.json()["choices"][0]
 
         async with trio.open_nursery() as nursery:
-            for index in range(len(PROMPTS)):
+            for index in range(len(REQUESTS)):
                 nursery.start_soon(one, index)
-    return [results[i] for i in range(len(PROMPTS))]
+    return [results[i] for i in range(len(REQUESTS))]
 
 
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_streams(
     tp_server: ServerProcess, model_dir: Path
 ) -> None:
     expected = await reference(model_dir)
     got = await complete_all(tp_server.url)
     assert got == expected  # float64: summation order across the shards cannot hide a wrong token
-    assert all(len(tokens) == 24 or text for text, tokens in got)
 
     # 200 streams cut after their first chunk: every rank releases them all.
     async with httpx.AsyncClient(base_url=tp_server.url, timeout=120) as client:
@@ -138,6 +154,8 @@ async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_stre
         assert health["status"] == "ok" and health["live_sequences"] == 0
 
 
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_a_follower_killed_mid_stream_fails_the_stream_and_the_server_exits(tp_server: ServerProcess) -> None:
     (follower,) = follower_pids(tp_server)
     body = {"model": "m", "prompt": "long", "max_tokens": 2000, "stream": True, "ignore_eos": True}
@@ -164,6 +182,8 @@ async def test_a_follower_killed_mid_stream_fails_the_stream_and_the_server_exit
     assert "the tensor-parallel group failed: draining, then exiting with an error" in tp_server.output()
 
 
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_sigterm_drains_rank_0_then_ends_every_rank(tp_server: ServerProcess) -> None:
     followers = follower_pids(tp_server)
     body = {"model": "m", "prompt": "drain me", "max_tokens": 40, "stream": True, "ignore_eos": True}
@@ -240,19 +260,25 @@ def torchruns(tmp_path: Path, model_dir: Path, *launcher_args: list[str]) -> Ite
                 os.kill(pid, signal.SIGKILL)
 
 
-async def reference(model_dir: Path) -> list[tuple[str, list[str]]]:
-    """What one process answers to `PROMPTS`."""
-    settings = Settings(model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8)
+async def reference(model_dir: Path) -> list[object]:
+    """What one process answers to `REQUESTS`."""
+    settings = Settings(
+        model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8, prefill_chunk=16
+    )
     async with serve_on_loopback(build_app(settings)) as served:
         return await complete_all(served.url)
 
 
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_torchrun_on_one_machine(tmp_path: Path, model_dir: Path) -> None:
     expected = await reference(model_dir)
     with torchruns(tmp_path, model_dir, ["--nproc-per-node", "2"]) as url:
         assert await complete_all(url) == expected
 
 
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_two_nodes_of_one_rank_each_through_torchruns_rendezvous(tmp_path: Path, model_dir: Path) -> None:
     expected = await reference(model_dir)
     with socket.socket() as probe:
@@ -264,6 +290,7 @@ async def test_two_nodes_of_one_rank_each_through_torchruns_rendezvous(tmp_path:
         assert await complete_all(url) == expected
 
 
+@pytest.mark.slow
 def test_heads_that_do_not_divide_are_a_startup_error(tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
     build_model(tokenizer, num_heads=6, num_kv_heads=3, hidden_size=48).save_pretrained(tmp_path / "m")
@@ -278,6 +305,7 @@ def test_heads_that_do_not_divide_are_a_startup_error(tmp_path: Path) -> None:
     assert "spawned" not in done.stderr  # refused before any rank started
 
 
+@pytest.mark.slow
 def test_the_demo_model_cannot_be_sharded() -> None:
     env = os.environ | TP_ENV
     done = subprocess.run(
@@ -285,3 +313,15 @@ def test_the_demo_model_cannot_be_sharded() -> None:
     )
     assert done.returncode == 2
     assert "--tensor-parallel-size needs a real model" in done.stderr
+
+
+def test_compose_has_a_profile_for_one_replica_over_several_gpus() -> None:
+    spec = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    sharded = spec["services"]["sharded"]
+    assert sharded["profiles"] == ["sharded"]
+    assert sharded["environment"]["TENSOR_PARALLEL_SIZE"] == "${TENSOR_PARALLEL_SIZE:-2}"
+    (devices,) = sharded["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["count"] == sharded["environment"]["TENSOR_PARALLEL_SIZE"]  # one GPU per rank
+    assert sharded["shm_size"]  # NCCL between the ranks' processes needs more than Docker's 64 MB
+    published = {port.split(":")[0] for service in spec["services"].values() for port in service.get("ports", [])}
+    assert len(published) == sum(len(s.get("ports", [])) for s in spec["services"].values())  # no clash

@@ -238,6 +238,20 @@ class PrefixCacheStats:
     retained_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class TensorParallelStats:
+    """A tensor-parallel runner's group, for the metrics (its ``tensor_parallel_stats()``; other runners have none).
+
+    ``live_by_rank`` is each rank's count of sequences holding KV as of the last message rank 0 sent (a step or
+    an idle heartbeat); the seconds are rank 0's time in the message broadcast and in the counts' all-gather.
+    """
+
+    live_by_rank: tuple[int, ...]
+    messages: int
+    broadcast_seconds: float
+    gather_seconds: float
+
+
 class Runner(Protocol):
     """The synchronous model side. The engine calls ``step`` in a worker thread and every other method on
     the event loop, never both at once, so implementations need no locks.

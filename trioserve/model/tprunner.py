@@ -37,7 +37,14 @@ from trioserve.model.ranks import Group, stopping
 from trioserve.model.runner import TransformersRunner
 from trioserve.model.sampling import SequenceSampler
 from trioserve.text.tokenization import ChatTokenizer
-from trioserve.types import OutputSchema, PrefixCacheStats, SampledToken, StepOutput, StepPlan
+from trioserve.types import (
+    OutputSchema,
+    PrefixCacheStats,
+    SampledToken,
+    StepOutput,
+    StepPlan,
+    TensorParallelStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,8 @@ class _Channel:
 
     def __init__(self, group: Group) -> None:
         self.group = group
-        self.broadcast_seconds = 0.0  # total time in the message broadcast (rank 0), for the benchmark
+        self.broadcast_seconds = 0.0  # time in the message broadcast, in all (for the metrics)
+        self.gather_seconds = 0.0  # time in the counts' all-gather, in all
         self.broadcasts = 0
 
     def broadcast(self, message: Message | None) -> Message:
@@ -85,10 +93,13 @@ class _Channel:
         return received
 
     def gather_counts(self, live: int) -> list[int]:
+        started = time.perf_counter()
         mine = torch.tensor([live], dtype=torch.int64, device=self.group.device)
         counts = [torch.zeros_like(mine) for _ in range(self.group.size)]
         dist.all_gather(counts, mine)
-        return [int(count.item()) for count in counts]
+        gathered = [int(count.item()) for count in counts]
+        self.gather_seconds += time.perf_counter() - started
+        return gathered
 
 
 class TensorParallelRunner:
@@ -105,7 +116,7 @@ class TensorParallelRunner:
         self.channel = _Channel(group)
         self.on_broken: Callable[[str], None] | None = None  # the server's: drain and exit non-zero
         self.broken: str | None = None
-        self.rank_live_sequences: list[int] = [0] * group.size  # as of the last message, by rank
+        self._live_by_rank = (0,) * group.size  # as of the last message
         self._collective = threading.Lock()  # one message at a time: a step's or the heartbeat's
         self._pending = threading.Lock()  # releases and the count they leave, against the heartbeat
         self._releases: list[int] = []
@@ -157,6 +168,12 @@ class TensorParallelRunner:
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return self.inner.prefix_cache_stats()
 
+    def tensor_parallel_stats(self) -> TensorParallelStats:
+        channel = self.channel
+        return TensorParallelStats(
+            self._live_by_rank, channel.broadcasts, channel.broadcast_seconds, channel.gather_seconds
+        )
+
     def release(self, seq_id: int) -> None:
         with self._pending:
             self._releases.append(seq_id)  # an id the followers do not hold is ignored there too
@@ -200,7 +217,7 @@ class TensorParallelRunner:
 
     def _check_counts(self, live: int) -> None:
         counts = self.channel.gather_counts(live)
-        self.rank_live_sequences = counts
+        self._live_by_rank = tuple(counts)
         if any(count != live for count in counts):
             raise RuntimeError(f"ranks disagree on the live sequences (by rank: {counts}): their state diverged")
 

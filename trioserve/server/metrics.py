@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from trioserve.api.serving import RequestTiming
 from trioserve.engine.engine import Engine, RequestRecord
+from trioserve.types import TensorParallelStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ABORT_REASONS = ("disconnect", "stalled", "deadline", "drain", "error")
@@ -44,17 +45,7 @@ class _EngineGauges(Collector):
             "Sequences whose KV the runner holds.",
             value=runner.live_sequences() if runner is not None else 0,
         )
-        # A tensor-parallel runner also knows each rank's count, as of the last step or heartbeat.
-        by_rank: list[int] | None = getattr(runner, "rank_live_sequences", None)
-        if by_rank is not None:
-            ranks = GaugeMetricFamily(
-                "trioserve_rank_live_sequences",
-                "Sequences whose KV each tensor-parallel rank holds, as of its last step or heartbeat.",
-                labels=["rank"],
-            )
-            for rank, count in enumerate(by_rank):
-                ranks.add_metric([str(rank)], count)
-            yield ranks
+        yield from _tensor_parallel(runner)
         stats = runner.prefix_cache_stats() if runner is not None else None
         if stats is None:
             return
@@ -70,6 +61,31 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily(
             "trioserve_prefix_cache_tokens", "Token positions retained as cache.", value=stats.retained_tokens
         )
+
+
+def _tensor_parallel(runner: object) -> Iterable[Metric]:
+    """A tensor-parallel runner's group: each rank's live sequences, rank 0's time in the per-step collectives."""
+    read = getattr(runner, "tensor_parallel_stats", None)
+    if read is None:
+        return
+    stats = read()
+    assert isinstance(stats, TensorParallelStats)
+    ranks = GaugeMetricFamily(
+        "trioserve_rank_live_sequences",
+        "Sequences whose KV each tensor-parallel rank holds, as of rank 0's last step or heartbeat.",
+        labels=["rank"],
+    )
+    for rank, count in enumerate(stats.live_by_rank):
+        ranks.add_metric([str(rank)], count)
+    yield ranks
+    yield CounterMetricFamily(
+        "trioserve_tp_messages", "Messages rank 0 broadcast to the other ranks (steps and heartbeats).", stats.messages
+    )
+    for name, text, value in (
+        ("broadcast", "Rank 0's time broadcasting each step's plan, releases and tokens.", stats.broadcast_seconds),
+        ("gather", "Rank 0's time gathering the ranks' live sequence counts after each message.", stats.gather_seconds),
+    ):
+        yield CounterMetricFamily(f"trioserve_tp_{name}_seconds", text, value=value)
 
 
 class Metrics:
