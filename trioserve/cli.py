@@ -125,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if settings.tensor_parallel_size > 1:
         return serve_sharded(settings, sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun with several ranks but no sharding: each rank would serve a whole copy on the same port.
+        print(
+            "trioserve: configuration error: torchrun started several ranks; pass --tensor-parallel-size",
+            file=sys.stderr,
+        )
+        return 2
     return trio.run(serve_forever, settings)
 
 
