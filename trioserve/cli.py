@@ -174,10 +174,9 @@ def serve_sharded(settings: Settings, argv: Sequence[str]) -> int:
         logger.exception("rank %s failed", os.environ.get("RANK"))
         return 1
     finally:
-        if sharded is not None:
-            sharded.close()
+        stopped = sharded.close() if sharded is not None else False
         if followers is not None:
-            followers.stop()
+            followers.stop(grace=10.0 if stopped else 0.0)
         ranks.leave()
 
 

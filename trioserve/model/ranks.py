@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,16 +137,20 @@ class Followers:
         """Exit codes of followers that ended with an error."""
         return [code for p in self.processes if (code := p.poll()) is not None and code != 0]
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Waits up to ``grace`` seconds for each to exit (they do once rank 0 stopped the group or closed their
-        pipe), then kills what is left; every process is reaped."""
+    def stop(self, grace: float) -> None:
+        """Waits up to ``grace`` seconds for them to exit (they do once rank 0 has sent its stop message), then
+        closes their pipes (which ends a follower still waiting), then kills what is left; every one is reaped."""
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
         for process in self.processes:
             if process.stdin is not None:
                 with contextlib.suppress(OSError):
-                    process.stdin.close()  # the pipe closing ends a follower that is still waiting
+                    process.stdin.close()
         for process in self.processes:
             try:
-                process.wait(timeout=grace)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 logger.warning("follower pid %d did not exit; killing it", process.pid)
                 process.kill()

@@ -197,8 +197,12 @@ class TensorParallelRunner:
 
     # -- the group --------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Ends the heartbeat, then (if the group is whole) tells every follower to exit."""
+    def close(self) -> bool:
+        """Ends the heartbeat, then (if the group is whole) tells every follower to exit.
+
+        Returns:
+            Whether the followers were told (else they end when their collectives fail, or are ended).
+        """
         self._stopping.set()
         self._heartbeat.join()
         with self._collective:
@@ -207,6 +211,9 @@ class TensorParallelRunner:
                     self.channel.broadcast(Message(None, stop=True))
                 except Exception as exc:
                     logger.warning("could not stop the followers cleanly: %r", exc)
+                else:
+                    return True
+        return False
 
     def _message(self, plan: StepPlan | None) -> Message:
         """The next message (holding ``_pending``): the releases since the last one, the last step's tokens."""
