@@ -9,6 +9,7 @@ releases every remaining sequence's KV.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -91,25 +92,34 @@ async def serve_forever(settings: Settings, sharded: TensorParallelRunner | None
     broken = trio.Event()
     if sharded is not None:
         token = trio.lowlevel.current_trio_token()
-        sharded.on_broken = lambda _: trio.from_thread.run_sync(broken.set, trio_token=token)
+
+        def on_broken(_: str) -> None:  # from the step's worker thread or the heartbeat's
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(broken.set, trio_token=token)
+
+        sharded.on_broken = on_broken
 
     async def shutdown_trigger() -> None:
         async with trio.open_nursery() as nursery:
 
-            async def on_broken() -> None:
+            async def watch_broken() -> None:
                 await broken.wait()
                 logger.error("the tensor-parallel group failed: draining, then exiting with an error")
                 app.start_draining()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(on_broken)
+            nursery.start_soon(watch_broken)
             await drain_on_signal(app)
             nursery.cancel_scope.cancel()
 
     await serve(app, config, shutdown_trigger=shutdown_trigger)
     runner = app.engine.runner
-    logger.info("shut down (%d sequences hold KV)", runner.live_sequences() if runner is not None else 0)
-    return 1 if broken.is_set() else 0
+    held = runner.live_sequences() if runner is not None else 0
+    if broken.is_set():
+        logger.error("shut down after the tensor-parallel group failed (%d sequences hold KV)", held)
+        return 1
+    logger.info("shut down cleanly (%d sequences hold KV)", held)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

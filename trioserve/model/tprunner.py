@@ -49,6 +49,8 @@ from trioserve.types import (
 logger = logging.getLogger(__name__)
 
 HEARTBEAT = 1.0  # seconds without a message before rank 0 sends one (releases only)
+# What clients are told; the cause (a rank's socket closed, a timeout, drift) goes to the server log.
+BROKEN = "the tensor-parallel group failed (a rank died, hung or diverged); this server is shutting down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,9 @@ class _Channel:
         self.broadcasts = 0
 
     def broadcast(self, message: Message | None) -> Message:
+        if self.group.device.type == "cuda":
+            # The current CUDA device is per thread: the engine's worker threads and the heartbeat start on GPU 0.
+            torch.cuda.set_device(self.group.device)
         started = time.perf_counter()
         box: list[object] = [message]
         dist.broadcast_object_list(box, src=0, device=self.group.device)
@@ -182,7 +187,7 @@ class TensorParallelRunner:
     def step(self, plan: StepPlan) -> StepOutput:
         with self._collective:
             if self.broken is not None:
-                raise Unavailable(f"the tensor-parallel group failed: {self.broken}")
+                raise Unavailable(BROKEN)
             try:
                 with self._pending:
                     message = self._message(plan)
@@ -192,7 +197,7 @@ class TensorParallelRunner:
                 self._check_counts(self.inner.live_sequences())
             except Exception as exc:
                 self._break(exc)
-                raise Unavailable(f"the tensor-parallel group failed: {self.broken}") from exc
+                raise Unavailable(BROKEN) from exc
             return output
 
     # -- the group --------------------------------------------------------------------------------------
