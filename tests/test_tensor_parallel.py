@@ -24,6 +24,7 @@ import pytest
 import torch
 import trio
 import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.servers import ROOT, ServerProcess, serve_on_loopback, server_process, stop_process
 from trioserve.cli import build_app
@@ -156,6 +157,25 @@ async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_stre
 
 @pytest.mark.socket
 @pytest.mark.slow
+async def test_a_sliding_window_model_gives_one_process_tokens(tmp_path: Path) -> None:
+    # Mistral: every layer slides over 6 positions, fewer than the prompts and outputs hold.
+    tokenizer = build_tokenizer()
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "initializer_range": 0.5}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), sliding_window=6, **shape, **heads)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float64).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    expected = await reference(tmp_path / "m")
+    with server_process(tmp_path, HF_MODEL=str(tmp_path / "m"), **TP_ENV) as server:
+        pids = follower_pids(server)
+        assert await complete_all(server.url) == expected
+    wait_gone(pids)
+
+
+@pytest.mark.socket
+@pytest.mark.slow
 async def test_a_follower_killed_mid_stream_fails_the_stream_and_the_server_exits(tp_server: ServerProcess) -> None:
     (follower,) = follower_pids(tp_server)
     body = {"model": "m", "prompt": "long", "max_tokens": 2000, "stream": True, "ignore_eos": True}
@@ -260,13 +280,19 @@ def torchruns(tmp_path: Path, model_dir: Path, *launcher_args: list[str]) -> Ite
                 os.kill(pid, signal.SIGKILL)
 
 
+_answers: dict[Path, list[object]] = {}
+
+
 async def reference(model_dir: Path) -> list[object]:
-    """What one process answers to `REQUESTS`."""
+    """What one process answers to `REQUESTS` (once per model: the answers are deterministic)."""
+    if model_dir in _answers:
+        return _answers[model_dir]
     settings = Settings(
         model=str(model_dir), device="cpu", torch_dtype="float64", hotload=True, max_concurrent=8, prefill_chunk=16
     )
     async with serve_on_loopback(build_app(settings)) as served:
-        return await complete_all(served.url)
+        _answers[model_dir] = await complete_all(served.url)
+    return _answers[model_dir]
 
 
 @pytest.mark.socket
