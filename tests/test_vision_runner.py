@@ -1,0 +1,150 @@
+"""Vision-language models through the real runner and scheduler: tiny random-weight models of each family
+(`trioserve.model.tinyvision`), prompts with images batched with text-only ones, against full recomputation.
+
+The reference recomputes the whole sequence at every step with the model's own forward pass, images and
+all (the model then computes its own positions, multi-axis rotary ones included), so it shares nothing with
+the runner's chunking, arena, rotary offsets or prefix cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from transformers import PreTrainedModel
+
+from trioserve.engine.scheduler import Scheduler
+from trioserve.model.runner import TransformersRunner
+from trioserve.model.tinyvision import FAMILIES, available_families, build_vision
+from trioserve.model.vision import cache_key
+from trioserve.text.processor import VisionTokenizer
+from trioserve.types import GenerationRequest, ImageInputs, SamplingParams
+
+CHUNK = 8  # prefill budget: shorter than every prompt with an image, so the image rule decides the first chunk
+
+
+def _families() -> list[Any]:
+    built = set(available_families())
+    return [
+        pytest.param(name, marks=() if name in built else pytest.mark.skip(reason="torchvision does not import here"))
+        for name in FAMILIES
+    ]
+
+
+@functools.cache
+def tiny(family: str) -> tuple[PreTrainedModel, VisionTokenizer]:
+    model, processor = build_vision(family)
+    return model, VisionTokenizer(processor)
+
+
+def picture(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def chat(tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = ()) -> tuple[list[int], ImageInputs | None]:
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    parts.append({"type": "text", "text": text})
+    prompt = tokenizer.render_chat([{"role": "user", "content": parts}])
+    if not images:
+        return tokenizer.encode(prompt), None
+    return tokenizer.encode_images(prompt, images)
+
+
+def request(name: str, tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = (), tokens: int = 6) -> GenerationRequest:
+    ids, inputs = chat(tokenizer, text, images)
+    return GenerationRequest(name, tuple(ids), SamplingParams(temperature=0.0, max_tokens=tokens), images=inputs)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    step: int
+    request: GenerationRequest
+
+
+def drive(runner: TransformersRunner, arrivals: list[Arrival]) -> dict[str, list[int]]:
+    """The real scheduler and runner, step by step, as the engine drives them."""
+    scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=CHUNK)
+    outputs: dict[str, list[int]] = defaultdict(list)
+    by_seq: dict[int, Arrival] = {}
+    pending = sorted(arrivals, key=lambda a: a.step)
+    step = 0
+    while pending or scheduler.running or scheduler.waiting:
+        while pending and pending[0].step <= step:
+            arrival = pending.pop(0)
+            by_seq[len(by_seq)] = arrival
+            scheduler.submit(len(by_seq) - 1, arrival.request)
+        plan = scheduler.plan()
+        step += 1
+        if not plan:
+            continue
+        output = runner.step(plan)
+        for chunk in plan.prefill:
+            scheduler.prefilled(chunk, output.prefilled.get(chunk.seq_id))
+        for seq_id, token in output.tokens.items():
+            arrival = by_seq[seq_id]
+            tokens = outputs[arrival.request.request_id]
+            tokens.append(token.token_id)
+            if len(tokens) >= arrival.request.params.max_tokens:
+                scheduler.remove(seq_id)
+                runner.release(seq_id)
+    assert runner.live_sequences() == 0
+    return dict(outputs)
+
+
+@torch.inference_mode()
+def reference(model: PreTrainedModel, request: GenerationRequest) -> list[int]:
+    """Greedy tokens recomputing the whole sequence each step, with the model's own positions."""
+    ids = list(request.prompt_ids)
+    features = dict(request.images.features) if request.images is not None else {}
+    for _ in range(request.params.max_tokens):
+        extra = {}
+        for key, value in features.items():
+            if key in ("token_type_ids", "mm_token_type_ids"):  # per token: generated tokens are text
+                value = torch.nn.functional.pad(value, (0, len(ids) - value.shape[-1]))
+            extra[key] = value
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False, **extra).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(request.prompt_ids) :]
+
+
+def make_runner(model: PreTrainedModel, tokenizer: VisionTokenizer, *, batch: int = 8, prefix: bool = True) -> TransformersRunner:
+    eos = frozenset({tokenizer.hf.convert_tokens_to_ids("<|im_end|>")})
+    return TransformersRunner(model, tokenizer, model_id="tiny-vlm", max_batch_size=batch, eos_token_ids=eos, prefix_caching=prefix)
+
+
+@pytest.mark.parametrize("family", _families())
+def test_images_batched_with_text_equal_solo(family: str) -> None:
+    model, tokenizer = tiny(family)
+    runner = make_runner(model, tokenizer)
+    assert runner.max_batch_size > 1, runner.mode  # decode goes through the arena
+    arrivals = [
+        Arrival(0, request("text", tokenizer, "tell me about the sea and the sky", tokens=8)),
+        Arrival(0, request("one", tokenizer, "what is this", [picture(1)])),
+        Arrival(1, request("two", tokenizer, "compare these two pictures", [picture(2), picture(3, (24, 50))])),
+        Arrival(2, request("short", tokenizer, "hi", tokens=5)),
+        Arrival(2, request("again", tokenizer, "what is this", [picture(1)], tokens=4)),  # a prefix-cache hit
+    ]
+    batched = drive(runner, arrivals)
+    assert batched == {a.request.request_id: reference(model, a.request) for a in arrivals}
+
+
+@pytest.mark.parametrize("family", _families())
+def test_the_image_reaches_the_model(family: str) -> None:
+    """Two prompts that differ only in their image get different tokens (a runner that dropped the image, or
+    served one prompt from the other's cached KV, would give the same)."""
+    model, tokenizer = tiny(family)
+    runner = make_runner(model, tokenizer)
+    arrivals = [Arrival(0, request(f"p{seed}", tokenizer, "describe", [picture(seed)], tokens=8)) for seed in (5, 6)]
+    arrivals.append(Arrival(3, request("p5-again", tokenizer, "describe", [picture(5)], tokens=8)))
+    out = drive(runner, arrivals)
+    assert out["p5"] != out["p6"]
+    assert out["p5-again"] == out["p5"]
+    assert out == {a.request.request_id: reference(model, a.request) for a in arrivals}
