@@ -49,7 +49,9 @@ def picture(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     return Image.fromarray(pixels.numpy(), "RGB")
 
 
-def chat(tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = ()) -> tuple[list[int], ImageInputs | None]:
+def chat(
+    tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = ()
+) -> tuple[list[int], ImageInputs | None]:
     parts: list[dict[str, Any]] = [{"type": "image"} for _ in images]
     parts.append({"type": "text", "text": text})
     prompt = tokenizer.render_chat([{"role": "user", "content": parts}])
@@ -58,7 +60,9 @@ def chat(tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = 
     return tokenizer.encode_images(prompt, images)
 
 
-def request(name: str, tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = (), tokens: int = 6) -> GenerationRequest:
+def request(
+    name: str, tokenizer: VisionTokenizer, text: str, images: Sequence[Image.Image] = (), tokens: int = 6
+) -> GenerationRequest:
     ids, inputs = chat(tokenizer, text, images)
     return GenerationRequest(name, tuple(ids), SamplingParams(temperature=0.0, max_tokens=tokens), images=inputs)
 
@@ -115,9 +119,13 @@ def reference(model: PreTrainedModel, request: GenerationRequest) -> list[int]:
     return ids[len(request.prompt_ids) :]
 
 
-def make_runner(model: PreTrainedModel, tokenizer: VisionTokenizer, *, batch: int = 8, prefix: bool = True) -> TransformersRunner:
+def make_runner(
+    model: PreTrainedModel, tokenizer: VisionTokenizer, *, batch: int = 8, prefix: bool = True
+) -> TransformersRunner:
     eos = frozenset({tokenizer.hf.convert_tokens_to_ids("<|im_end|>")})
-    return TransformersRunner(model, tokenizer, model_id="tiny-vlm", max_batch_size=batch, eos_token_ids=eos, prefix_caching=prefix)
+    return TransformersRunner(
+        model, tokenizer, model_id="tiny-vlm", max_batch_size=batch, eos_token_ids=eos, prefix_caching=prefix
+    )
 
 
 @pytest.mark.parametrize("family", _families())
@@ -148,3 +156,63 @@ def test_the_image_reaches_the_model(family: str) -> None:
     assert out["p5"] != out["p6"]
     assert out["p5-again"] == out["p5"]
     assert out == {a.request.request_id: reference(model, a.request) for a in arrivals}
+
+
+@pytest.mark.parametrize("family", _families())
+def test_text_only_requests_to_a_vision_model(family: str) -> None:
+    model, tokenizer = tiny(family)
+    runner = make_runner(model, tokenizer)
+    arrivals = [
+        Arrival(0, request("a", tokenizer, "just words here", tokens=6)),
+        Arrival(1, request("b", tokenizer, "and more words, quite a few of them this time", tokens=6)),
+    ]
+    assert drive(runner, arrivals) == {a.request.request_id: reference(model, a.request) for a in arrivals}
+
+
+def test_one_per_pass_mode_with_images_equals_solo() -> None:
+    """Without the arena (one sequence per pass, each on its own cache) the rotary offset still applies."""
+    model, tokenizer = tiny("paddleocr_vl")
+    runner = make_runner(model, tokenizer, batch=1)
+    arrivals = [
+        Arrival(0, request("img", tokenizer, "what is this", [picture(8)])),
+        Arrival(0, request("txt", tokenizer, "words", tokens=4)),
+    ]
+    assert drive(runner, arrivals) == {a.request.request_id: reference(model, a.request) for a in arrivals}
+
+
+def test_cache_keys_carry_the_images_content() -> None:
+    _, tokenizer = tiny("llava")
+    ids_a, images_a = chat(tokenizer, "what is this", [picture(1)])
+    ids_b, images_b = chat(tokenizer, "what is this", [picture(2)])
+    assert ids_a == ids_b  # the same tokens: only the key tells the two prompts apart
+    key_a, key_b = cache_key(ids_a, images_a), cache_key(ids_b, images_b)
+    (start, end), *_ = images_a.spans  # type: ignore[union-attr]
+    assert (key_a[:start] == key_b[:start]).all()
+    assert (key_a[start:end] != key_b[start:end]).all()
+    assert (key_a[start:end] < 0).all()  # no text token id equals an image's key
+    again, images_again = chat(tokenizer, "what is this", [picture(1)])
+    assert (cache_key(again, images_again) == key_a).all()
+    # A text prompt that spells the placeholder has the image token's id, never an image's key.
+    literal = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": "<image>what is this"}]))
+    assert not set(cache_key(literal, None).tolist()) & set(key_a[start:end].tolist())
+
+
+def test_prefix_cache_never_shares_kv_across_images_and_never_ends_inside_one() -> None:
+    model, tokenizer = tiny("llava")
+    runner = make_runner(model, tokenizer)
+    first = request("first", tokenizer, "what is this picture about", [picture(1)], tokens=3)
+    drive(runner, [Arrival(0, first)])
+    same_text_other_image = request("other", tokenizer, "what is this picture about", [picture(2)], tokens=3)
+    span_start = same_text_other_image.images.spans[0][0]  # type: ignore[union-attr]
+    hit = runner._lookup(same_text_other_image)
+    assert hit is not None and hit.length <= span_start  # the text before the image only
+    same = request("same", tokenizer, "what is this picture about", [picture(1)], tokens=3)
+    hit = runner._lookup(same)
+    assert hit is not None and hit.length > same.images.spans[-1][1]  # type: ignore[union-attr]
+    # Another question about the same image: the hit covers the image, or stops before it.
+    follow = request("follow", tokenizer, "what is this picture not about", [picture(1)], tokens=3)
+    hit = runner._lookup(follow)
+    spans = follow.images.spans  # type: ignore[union-attr]
+    assert hit is not None and (hit.length <= spans[0][0] or hit.length >= spans[-1][1])
+    outputs = drive(runner, [Arrival(0, same_text_other_image), Arrival(0, follow)])
+    assert outputs == {r.request_id: reference(model, r) for r in (same_text_other_image, follow)}

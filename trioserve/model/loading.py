@@ -132,8 +132,9 @@ def load_runner(settings: Settings) -> TransformersRunner:
             "noise). Name a real one with --model or HF_MODEL=<hub id or local directory>.",
             DEMO_MODEL_ID,
         )
-        hf_tokenizer = build_tokenizer()
-        model = build_model(hf_tokenizer, dtype=dtype)
+        demo_tokenizer = build_tokenizer()
+        model = build_model(demo_tokenizer, dtype=dtype)
+        hf_tokenizer: PreTrainedTokenizerBase | ProcessorMixin = demo_tokenizer
         if attention is not None:
             model.set_attn_implementation(attention)
         torch.nn.Module.to(model, device=device)
@@ -141,7 +142,9 @@ def load_runner(settings: Settings) -> TransformersRunner:
     else:
         hf_tokenizer, model = _load_pretrained(settings, device, dtype, attention)
         model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
-    tokenizer = VisionTokenizer(hf_tokenizer) if isinstance(hf_tokenizer, ProcessorMixin) else ChatTokenizer(hf_tokenizer)
+    tokenizer = (
+        VisionTokenizer(hf_tokenizer) if isinstance(hf_tokenizer, ProcessorMixin) else ChatTokenizer(hf_tokenizer)
+    )
     runner = TransformersRunner(
         model,
         tokenizer,
@@ -172,7 +175,9 @@ def is_vision_language(config: PretrainedConfig) -> bool:
     """Whether a config is a vision-language model's: it nests a vision config and transformers maps it to
     an image-text-to-text class (Gemma 3's also maps to a causal LM: its images still need the processor)."""
     model_type = str(config.model_type)
-    return getattr(config, "vision_config", None) is not None and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return (
+        getattr(config, "vision_config", None) is not None and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
 
 
 def _auto_class(config: PretrainedConfig, name: str) -> type[Any]:
@@ -210,7 +215,9 @@ def _load_pretrained(
     hf_tokenizer: PreTrainedTokenizerBase | ProcessorMixin
     if auto_class is AutoModelForImageTextToText:
         try:
-            hf_tokenizer = AutoProcessor.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+            hf_tokenizer = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                name, trust_remote_code=settings.trust_remote_code
+            )
         except (ImportError, OSError, ValueError) as exc:
             raise ConfigError(f"{name} is a vision-language model but its processor cannot be loaded: {exc}") from exc
         if not isinstance(hf_tokenizer, ProcessorMixin):

@@ -298,7 +298,9 @@ class TransformersRunner:
                 assert self.arena is not None
                 self.arena.seed(cache, hit.slot, hit.length)  # before a slot is taken: that may move entries
             sequence = self._new_sequence(chunk, cache, hit)
-            if self._rope_indexer is not None and (rope := rope_positions(self._rope_indexer, chunk.request.prompt_ids, chunk.request.images)):
+            if self._rope_indexer is not None and (
+                rope := rope_positions(self._rope_indexer, chunk.request.prompt_ids, chunk.request.images)
+            ):
                 sequence.rope, sequence.rope_delta = rope[0].to(self._device), rope[1]
         sequence = self._sequences[chunk.seq_id]
         assert sequence.cache is not None, "a decoding sequence cannot be prefilled again"

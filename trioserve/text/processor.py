@@ -35,8 +35,8 @@ def image_token_ids(processor: ProcessorMixin) -> frozenset[int]:
     """The ids that stand for image features in a prompt: the tokenizer's named image token where it has one
     (Gemma 3's processor calls its begin-of-image marker the image token), else the processor's, plus
     Pixtral's row-break and end tokens, which sit between an image's feature tokens."""
-    tokenizer = processor.tokenizer  # type: ignore[attr-defined]
-    ids = set()
+    tokenizer = processor.tokenizer
+    ids: set[int] = set()
     for owner, attribute in (
         (tokenizer, "image_token_id"),
         (processor, "image_token_id"),
@@ -75,7 +75,7 @@ class VisionTokenizer(ChatTokenizer):
     """
 
     def __init__(self, processor: ProcessorMixin) -> None:
-        tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+        tokenizer = processor.tokenizer
         if getattr(tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None):
             tokenizer.chat_template = processor.chat_template
         super().__init__(tokenizer)
