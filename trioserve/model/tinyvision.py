@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AddedToken,
     AutoModelForImageTextToText,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -226,7 +227,7 @@ FAMILIES: dict[str, _Family] = {
     ),
 }
 # Attributes the processors read off the tokenizer (transformers' named extra special tokens).
-_NAMED_TOKENS = {
+_NAMED_TOKENS: dict[str, dict[str, str | AddedToken]] = {
     "gemma3": {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"},
     "paddleocr_vl": {"image_token": "<|IMAGE_PLACEHOLDER|>"},
 }
@@ -254,9 +255,8 @@ def build_vision(family: str, *, seed: int = 0) -> tuple[PreTrainedModel, Proces
     spec = FAMILIES[family]
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": list(spec.tokens)})
-    for attribute, token in _NAMED_TOKENS.get(family, {}).items():
-        setattr(tokenizer, attribute, token)
-        setattr(tokenizer, attribute + "_id", _id(tokenizer, token))
+    # Named (``tokenizer.image_token``, ``..._id``) and saved in the tokenizer's config, as a real checkpoint's.
+    tokenizer._set_model_specific_special_tokens(dict(_NAMED_TOKENS.get(family, {})))
     template = vision_template(spec.placeholder or spec.tokens[0])
     tokenizer.chat_template = template
     processor = spec.processor(tokenizer, template)  # may add tokens of its own (Idefics3)
