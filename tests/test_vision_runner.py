@@ -21,9 +21,10 @@ from transformers import PreTrainedModel
 
 from trioserve.engine.scheduler import Scheduler
 from trioserve.model.runner import TransformersRunner
-from trioserve.model.tinyvision import FAMILIES, available_families, build_vision
+from trioserve.model.tinyvision import FAMILIES, available_families, build_vision, build_vision_model, family_tokenizer
 from trioserve.model.vision import cache_key
 from trioserve.text.processor import VisionTokenizer
+from trioserve.text.tokenization import ChatTokenizer
 from trioserve.types import GenerationRequest, ImageInputs, SamplingParams
 
 CHUNK = 8  # prefill budget: shorter than every prompt with an image, so the image rule decides the first chunk
@@ -216,3 +217,23 @@ def test_prefix_cache_never_shares_kv_across_images_and_never_ends_inside_one() 
     assert hit is not None and (hit.length <= spans[0][0] or hit.length >= spans[-1][1])
     outputs = drive(runner, [Arrival(0, same_text_other_image), Arrival(0, follow)])
     assert outputs == {r.request_id: reference(model, r) for r in (same_text_other_image, follow)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_serves_text_through_the_arena(family: str) -> None:
+    """The language side of every family, the ones whose processors need torchvision included: the arena's
+    load-time probe accepts it (decode batches), and text-only requests equal full recomputation."""
+    hf = family_tokenizer(family)
+    model = build_vision_model(family, hf)
+    tokenizer = ChatTokenizer(hf)
+    eos = frozenset({hf.convert_tokens_to_ids("<|im_end|>")})
+    runner = TransformersRunner(model, tokenizer, model_id=family, max_batch_size=4, eos_token_ids=eos)
+    assert runner.max_batch_size == 4, runner.mode
+    prompts = {"a": "just words here", "b": "and more words, quite a few of them this time", "c": "hi"}
+    arrivals = []
+    for step, (name, text) in enumerate(prompts.items()):
+        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]))
+        arrivals.append(
+            Arrival(step, GenerationRequest(name, tuple(ids), SamplingParams(temperature=0.0, max_tokens=5)))
+        )
+    assert drive(runner, arrivals) == {a.request.request_id: reference(model, a.request) for a in arrivals}

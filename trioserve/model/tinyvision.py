@@ -215,6 +215,95 @@ def _paddle_config(tokenizer: PreTrainedTokenizerBase) -> Any:
     )
 
 
+# -- Qwen2-VL, Qwen2.5-VL: multi-axis rotary positions; 4x4 patches merged 2x2 to 4 tokens --------------
+
+
+def _qwen_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> ProcessorMixin:
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    images = Qwen2VLImageProcessorPil(
+        patch_size=_PATCH, merge_size=2, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels}
+    )
+    return Qwen2VLProcessor(  # type: ignore[no-untyped-call]
+        image_processor=images, tokenizer=tokenizer, chat_template=template
+    )
+
+
+def _qwen_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    return {
+        "image_token_id": _id(tokenizer, "<|image_pad|>"),
+        "video_token_id": _id(tokenizer, "<|video_pad|>"),
+        "vision_start_token_id": _id(tokenizer, "<|vision_start|>"),
+        "vision_end_token_id": _id(tokenizer, "<|vision_end|>"),
+    }
+
+
+def _qwen2_vl_config(tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import Qwen2VLConfig
+
+    text = _text(tokenizer, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": _TEXT["hidden_size"],
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": _PATCH,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tokenizer))
+
+
+def _qwen2_5_vl_config(tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    text = _text(tokenizer, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "out_hidden_size": _TEXT["hidden_size"],
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": _PATCH,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,
+        "fullatt_block_indexes": [1],
+    }
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tokenizer))
+
+
+# -- Mistral3: Pixtral tower, 4x4 patches merged 2x2, rows ended by [IMG_BREAK], the image by [IMG_END] -----
+
+
+def _mistral3_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> ProcessorMixin:
+    from transformers import PixtralImageProcessorPil, PixtralProcessor
+
+    images = PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": _PATCH, "width": _PATCH})
+    return PixtralProcessor(  # type: ignore[no-untyped-call]
+        image_processor=images, tokenizer=tokenizer, patch_size=_PATCH, spatial_merge_size=2, chat_template=template
+    )
+
+
+def _mistral3_config(tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import MistralConfig, Mistral3Config, PixtralVisionConfig
+
+    vision = {**_VISION, "head_dim": 8}
+    return Mistral3Config(
+        vision_config=PixtralVisionConfig(**vision),
+        text_config=MistralConfig(**_text(tokenizer, head_dim=16)),
+        image_token_index=_id(tokenizer, "[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+
+
+_QWEN_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+_QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
 FAMILIES: dict[str, _Family] = {
     "llava": _Family(("<image>",), _llava_processor, _llava_config),
     "gemma3": _Family(("<start_of_image>", "<image_soft_token>", "<end_of_image>"), _gemma3_processor, _gemma3_config),
@@ -224,6 +313,15 @@ FAMILIES: dict[str, _Family] = {
         _paddle_processor,
         _paddle_config,
         placeholder="<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
+    ),
+    "qwen2_vl": _Family(
+        _QWEN_TOKENS, _qwen_processor, _qwen2_vl_config, placeholder=_QWEN_PLACEHOLDER, needs_torchvision=True
+    ),
+    "qwen2_5_vl": _Family(
+        _QWEN_TOKENS, _qwen_processor, _qwen2_5_vl_config, placeholder=_QWEN_PLACEHOLDER, needs_torchvision=True
+    ),
+    "mistral3": _Family(
+        ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), _mistral3_processor, _mistral3_config, needs_torchvision=True
     ),
 }
 # Attributes the processors read off the tokenizer (transformers' named extra special tokens).
@@ -253,21 +351,33 @@ def build_vision(family: str, *, seed: int = 0) -> tuple[PreTrainedModel, Proces
     """A random-weight vision-language model of ``family`` and its processor, float32, in eval mode.
     Deterministic for a given seed."""
     spec = FAMILIES[family]
+    tokenizer = family_tokenizer(family)
+    processor = spec.processor(tokenizer, str(tokenizer.chat_template))  # may add tokens of its own (Idefics3)
+    return build_vision_model(family, processor.tokenizer, seed=seed), processor
+
+
+def family_tokenizer(family: str) -> PreTrainedTokenizerBase:
+    """The byte-level tokenizer with ``family``'s image tokens and its chat template (no processor: the
+    families that need torchvision for one can still be built and served text this way)."""
+    spec = FAMILIES[family]
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": list(spec.tokens)})
     # Named (``tokenizer.image_token``, ``..._id``) and saved in the tokenizer's config, as a real checkpoint's.
     tokenizer._set_model_specific_special_tokens(dict(_NAMED_TOKENS.get(family, {})))
-    template = vision_template(spec.placeholder or spec.tokens[0])
-    tokenizer.chat_template = template
-    processor = spec.processor(tokenizer, template)  # may add tokens of its own (Idefics3)
-    config = spec.config(processor.tokenizer)
+    tokenizer.chat_template = vision_template(spec.placeholder or spec.tokens[0])
+    return tokenizer
+
+
+def build_vision_model(family: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0) -> PreTrainedModel:
+    """The random-weight model of ``family`` sized to ``tokenizer`` (see `family_tokenizer`)."""
+    config = FAMILIES[family].config(tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model: PreTrainedModel = AutoModelForImageTextToText.from_config(config)  # type: ignore[no-untyped-call]
         _redraw_zeros(model)
     model.generation_config.eos_token_id = [_id(tokenizer, "<|im_end|>"), _id(tokenizer, "<|endoftext|>")]
     torch.nn.Module.eval(model)
-    return model, processor
+    return model
 
 
 @torch.no_grad()
