@@ -230,7 +230,7 @@ def _qwen_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> Proces
     )
 
 
-def _qwen_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def _qwen_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return {
         "image_token_id": _id(tokenizer, "<|image_pad|>"),
         "video_token_id": _id(tokenizer, "<|video_pad|>"),
@@ -288,7 +288,7 @@ def _mistral3_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> Pr
 
 
 def _mistral3_config(tokenizer: PreTrainedTokenizerBase) -> Any:
-    from transformers import MistralConfig, Mistral3Config, PixtralVisionConfig
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
 
     vision = {**_VISION, "head_dim": 8}
     return Mistral3Config(
