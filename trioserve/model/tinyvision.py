@@ -282,7 +282,7 @@ def _mistral3_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> Pr
     from transformers import PixtralImageProcessorPil, PixtralProcessor
 
     images = PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": _PATCH, "width": _PATCH})
-    return PixtralProcessor(  # type: ignore[no-untyped-call]
+    return PixtralProcessor(
         image_processor=images, tokenizer=tokenizer, patch_size=_PATCH, spatial_merge_size=2, chat_template=template
     )
 
