@@ -198,23 +198,27 @@ def test_cache_keys_carry_the_images_content() -> None:
     assert not set(cache_key(literal, None).tolist()) & set(key_a[start:end].tolist())
 
 
-def test_prefix_cache_never_shares_kv_across_images_and_never_ends_inside_one() -> None:
-    model, tokenizer = tiny("llava")
+@pytest.mark.parametrize("family", _families())
+def test_prefix_cache_never_shares_kv_across_images_and_never_ends_inside_one(family: str) -> None:
+    model, tokenizer = tiny(family)
     runner = make_runner(model, tokenizer)
     first = request("first", tokenizer, "what is this picture about", [picture(1)], tokens=3)
     drive(runner, [Arrival(0, first)])
     same_text_other_image = request("other", tokenizer, "what is this picture about", [picture(2)], tokens=3)
     span_start = same_text_other_image.images.spans[0][0]  # type: ignore[union-attr]
     hit = runner._lookup(same_text_other_image)
-    assert hit is not None and hit.length <= span_start  # the text before the image only
+    # The text before the image at most (none for Gemma 3: its sliding window no longer holds those keys).
+    assert hit is None or hit.length <= span_start
     same = request("same", tokenizer, "what is this picture about", [picture(1)], tokens=3)
     hit = runner._lookup(same)
-    assert hit is not None and hit.length > same.images.spans[-1][1]  # type: ignore[union-attr]
+    assert runner.prefix_cache is not None
+    if not any(runner.prefix_cache.windows):  # (a sliding window keeps too few keys to restart a prompt)
+        assert hit is not None and hit.length > same.images.spans[-1][1]  # type: ignore[union-attr]
     # Another question about the same image: the hit covers the image, or stops before it.
     follow = request("follow", tokenizer, "what is this picture not about", [picture(1)], tokens=3)
     hit = runner._lookup(follow)
     spans = follow.images.spans  # type: ignore[union-attr]
-    assert hit is not None and (hit.length <= spans[0][0] or hit.length >= spans[-1][1])
+    assert hit is None or hit.length <= spans[0][0] or hit.length >= spans[-1][1]
     outputs = drive(runner, [Arrival(0, same_text_other_image), Arrival(0, follow)])
     assert outputs == {r.request_id: reference(model, r) for r in (same_text_other_image, follow)}
 
