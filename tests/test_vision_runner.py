@@ -19,7 +19,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
+from tests.test_architectures import readme_support
 from trioserve.engine.scheduler import Scheduler
+from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
+from trioserve.model.loading import is_vision_language
 from trioserve.model.runner import TransformersRunner
 from trioserve.model.tinyvision import FAMILIES, available_families, build_vision, build_vision_model, family_tokenizer
 from trioserve.model.vision import cache_key
@@ -241,3 +244,25 @@ def test_every_family_serves_text_through_the_arena(family: str) -> None:
             Arrival(step, GenerationRequest(name, tuple(ids), SamplingParams(temperature=0.0, max_tokens=5)))
         )
     assert drive(runner, arrivals) == {a.request.request_id: reference(model, a.request) for a in arrivals}
+
+
+README_NAMES = {
+    "llava": "LLaVA",
+    "gemma3": "Gemma 3 (vision)",
+    "idefics3": "Idefics3/SmolVLM",
+    "paddleocr_vl": "PaddleOCR-VL",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "mistral3": "Mistral3",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_matrix_and_readme_agree(family: str) -> None:
+    """README's model-support table lists every vision family as batched, and `architectures` agrees from
+    the config alone (the runner's probe is checked by the tests above)."""
+    config = build_vision_model(family, family_tokenizer(family)).config
+    assert one_per_pass_reason(config) is None
+    assert needs_whole_prefill(config) is None and unsupported_reason(config) is None
+    assert is_vision_language(config)
+    assert readme_support()[README_NAMES[family]].startswith("batched")
