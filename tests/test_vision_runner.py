@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from tests.test_architectures import readme_support
 from trioserve.engine.scheduler import Scheduler
+from trioserve.errors import InvalidRequest
 from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
 from trioserve.model.loading import is_vision_language
 from trioserve.model.runner import TransformersRunner
@@ -166,8 +167,10 @@ def test_the_image_reaches_the_model(family: str) -> None:
 def test_text_only_requests_to_a_vision_model(family: str) -> None:
     model, tokenizer = tiny(family)
     runner = make_runner(model, tokenizer)
+    # Text that spells the family's image placeholder is text: no image reaches the model, nothing breaks.
+    spelled = FAMILIES[family].placeholder or FAMILIES[family].tokens[0]
     arrivals = [
-        Arrival(0, request("a", tokenizer, "just words here", tokens=6)),
+        Arrival(0, request("a", tokenizer, f"just words here {spelled} and more", tokens=6)),
         Arrival(1, request("b", tokenizer, "and more words, quite a few of them this time", tokens=6)),
     ]
     assert drive(runner, arrivals) == {a.request.request_id: reference(model, a.request) for a in arrivals}
@@ -266,3 +269,37 @@ def test_the_matrix_and_readme_agree(family: str) -> None:
     assert needs_whole_prefill(config) is None and unsupported_reason(config) is None
     assert is_vision_language(config)
     assert readme_support()[README_NAMES[family]].startswith("batched")
+
+
+def test_images_that_do_not_match_the_placeholders_are_a_clear_error() -> None:
+    _, tokenizer = tiny("llava")
+    one_placeholder = tokenizer.render_chat(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    )
+    with pytest.raises(InvalidRequest, match="images could not be prepared") as raised:
+        tokenizer.encode_images(one_placeholder, [picture(1), picture(2)])
+    assert raised.value.param == "messages"
+    no_placeholder = tokenizer.render_chat([{"role": "user", "content": "no image part"}])
+    with pytest.raises(InvalidRequest):
+        tokenizer.encode_images(no_placeholder, [picture(1)])
+
+
+def test_the_scheduler_keeps_a_prompts_images_in_its_first_chunk() -> None:
+    """Chunks of 4 tokens: the prompt with images goes alone, its first chunk past the last image; the text
+    prompts behind it are grouped as usual."""
+    spans = ((3, 9), (12, 20))
+    images = ImageInputs({}, ("a", "b"), spans)
+    with_images = GenerationRequest("img", tuple(range(30)), images=images)
+    scheduler = Scheduler(max_running=4, max_waiting=4, batch_size=4, prefill_chunk=8)
+    scheduler.submit(0, GenerationRequest("t0", (1, 2)))
+    scheduler.submit(1, with_images)
+    scheduler.submit(2, GenerationRequest("t1", (3, 4)))
+    first = scheduler.plan().prefill
+    assert [c.request.request_id for c in first] == ["t0"]  # a group of whole prompts stops at the image prompt
+    for chunk in first:
+        scheduler.prefilled(chunk)
+    (chunk,) = scheduler.plan().prefill
+    assert chunk.request is with_images and (chunk.start, chunk.end) == (0, 20)
+    scheduler.prefilled(chunk)
+    (chunk,) = scheduler.plan().prefill
+    assert (chunk.start, chunk.end) == (20, 28)  # text after the images: chunks as usual
