@@ -207,7 +207,10 @@ def _load_pretrained(
     checking the family can be served."""
     name = settings.model
     assert name is not None
-    config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    except ValueError as exc:  # a model type this transformers does not know (or remote code not trusted)
+        raise ConfigError(f"{name} cannot be served: {exc}") from exc
     if (reason := unsupported_reason(config)) is not None:
         raise ConfigError(f"{settings.model} cannot be served: {reason}")
     auto_class = _auto_class(config, name)
