@@ -78,9 +78,9 @@ class Arrival:
     request: GenerationRequest
 
 
-def drive(runner: TransformersRunner, arrivals: list[Arrival]) -> dict[str, list[int]]:
+def drive(runner: TransformersRunner, arrivals: list[Arrival], chunk: int = CHUNK) -> dict[str, list[int]]:
     """The real scheduler and runner, step by step, as the engine drives them."""
-    scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=CHUNK)
+    scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=chunk)
     outputs: dict[str, list[int]] = defaultdict(list)
     by_seq: dict[int, Arrival] = {}
     pending = sorted(arrivals, key=lambda a: a.step)
@@ -332,3 +332,19 @@ def test_a_new_turn_with_a_new_image_after_a_cached_one(family: str) -> None:
     if family != "idefics3" and not any(runner.prefix_cache.windows):
         assert hit is not None and first_end <= hit.length
     assert drive(runner, [Arrival(0, turn2)]) == {"turn2": reference(model, turn2)}
+
+
+@pytest.mark.parametrize("family", _families())
+def test_text_prompts_prefilled_together_beside_an_image_prompt(family: str) -> None:
+    """A budget that fits several whole prompts: the text-only ones go together, left-padded, in one pass; the
+    one with an image between them goes alone."""
+    model, tokenizer = tiny(family)
+    runner = make_runner(model, tokenizer, prefix=False)
+    arrivals = [
+        Arrival(0, request("t1", tokenizer, "hi", tokens=4)),
+        Arrival(0, request("t2", tokenizer, "a longer question about the weather", tokens=4)),
+        Arrival(0, request("img", tokenizer, "and this?", [picture(4)], tokens=4)),
+        Arrival(0, request("t3", tokenizer, "bye now", tokens=4)),
+    ]
+    out = drive(runner, arrivals, chunk=256)
+    assert out == {a.request.request_id: reference(model, a.request) for a in arrivals}
