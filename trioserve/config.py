@@ -8,11 +8,12 @@ commands and scripts keep working. A flag given on the command line wins over th
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DType = Literal["auto", "bfloat16", "float16", "float32", "float64"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -105,6 +106,10 @@ class Settings(BaseModel):
         description="host whose images may be fetched, and its subdomains (repeatable; env: comma-separated; "
         "none: any host)",
     )
+    allowed_image_networks: list[str] = Field(
+        [],
+        description="network (CIDR) image URLs may reach though not public (repeatable; env: comma-separated)",
+    )
     allow_private_image_urls: bool = Field(
         False, description="fetch image URLs on loopback, private and link-local addresses (cloud metadata: never)"
     )
@@ -119,6 +124,16 @@ class Settings(BaseModel):
     reasoning_parser: ReasoningParser = Field(
         "auto", description="thinking block: auto (from the chat template), none, or think"
     )
+
+    @field_validator("allowed_image_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (CIDR such as 10.0.0.0/8)") from None
+        return value
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
@@ -170,6 +185,7 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "remote_images": ("REMOTE_IMAGES",),
     "image_fetch_timeout": ("IMAGE_FETCH_TIMEOUT",),
     "allowed_image_domains": ("ALLOWED_IMAGE_DOMAINS",),
+    "allowed_image_networks": ("ALLOWED_IMAGE_NETWORKS",),
     "allow_private_image_urls": ("ALLOW_PRIVATE_IMAGE_URLS",),
     "strict_model_name": ("STRICT_MODEL_NAME",),
     "responses_store_size": ("RESPONSES_STORE_SIZE",),

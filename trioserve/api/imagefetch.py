@@ -57,6 +57,8 @@ class FetchPolicy:
             whose addresses pass the address check.
         allow_private: loopback, private, link-local and other non-public addresses may be fetched
             (cloud metadata addresses never are).
+        allowed_networks: networks whose addresses may be fetched although they are not public (an
+            internal image store), cloud metadata addresses still excepted.
     """
 
     enabled: bool = True
@@ -64,13 +66,19 @@ class FetchPolicy:
     timeout: float = 10.0
     allowed_domains: tuple[str, ...] = ()
     allow_private: bool = False
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
-def refused_address(address: IPAddress, *, allow_private: bool) -> str | None:
+def refused_address(
+    address: IPAddress,
+    *,
+    allow_private: bool = False,
+    allowed_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> str | None:
     """Why ``address`` may not be fetched from, or None if it may."""
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
-    if allow_private:
+    if allow_private or any(address in network for network in allowed_networks):
         return None
     embedded = _embedded_ipv4(address)
     if embedded is not None:
@@ -176,7 +184,7 @@ async def _resolve(host: str, port: int, policy: FetchPolicy, where: str) -> IPA
     if not addresses:
         raise _refusal(where, f"the image host {host!r} has no address")
     for address in addresses:
-        reason = refused_address(address, allow_private=policy.allow_private)
+        reason = refused_address(address, allow_private=policy.allow_private, allowed_networks=policy.allowed_networks)
         if reason is not None:
             raise _refusal(where, f"the image URL's host {host!r} resolves to {address}, {reason}: refused")
     return addresses[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class ImagePolicy:
             timeout=settings.image_fetch_timeout,
             allowed_domains=tuple(settings.allowed_image_domains),
             allow_private=settings.allow_private_image_urls,
+            allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_image_networks),
         )
         return cls(settings.max_images_per_request, settings.max_image_bytes, settings.max_image_pixels, fetch)
 
