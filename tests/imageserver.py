@@ -44,7 +44,7 @@ def lying_png(width: int = 100_000, height: int = 100_000) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     server: _ImageServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def handle(self) -> None:
