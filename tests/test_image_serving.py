@@ -296,3 +296,42 @@ def test_the_hostile_set_leaves_the_servers_memory_where_it_was(
             one_round()
         after = rss_bytes(server.process.pid)
     assert after - before < 32 * 1024 * 1024, f"resident memory grew by {(after - before) / 2**20:.0f} MiB"
+
+
+# -- Anthropic's Messages API ----------------------------------------------------------------------------
+
+
+def anthropic_image(source: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "image", "source": source}
+
+
+async def test_anthropic_image_blocks(vision: Served, redirector: ImageServer) -> None:
+    encoded = data_url(png(3, 3, (9, 9, 9))).split(",", 1)[1]
+    body = {
+        "model": "m",
+        "max_tokens": 3,
+        "system": "be brief",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "these"},
+                    anthropic_image({"type": "base64", "media_type": "image/png", "data": encoded}),
+                    anthropic_image({"type": "url", "url": redirector.url + "/image.png"}),
+                ],
+            }
+        ],
+    }
+    async with httpx.AsyncClient(timeout=BOUND_S) as client:
+        reply = await client.post(vision.url + "/v1/messages", json=body)
+        assert reply.status_code == 200, reply.text
+        assert tokenizer_of(vision).seen[-1] == [((3, 3), "RGB", (9, 9, 9)), ((8, 8), "RGB", (200, 30, 40))]
+        # A refused image is named by its block, though the system prompt moved the chat messages by one.
+        body["messages"][0]["content"][2] = anthropic_image({"type": "url", "url": "http://127.0.0.1:1/x.png"})
+        reply = await client.post(vision.url + "/v1/messages", json=body)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"].startswith("messages.0.content.2: "), reply.text
+        body["messages"][0]["content"][2] = anthropic_image({"type": "file", "file_id": "file_1"})
+        reply = await client.post(vision.url + "/v1/messages", json=body)
+        assert reply.status_code == 400
+        assert "messages.0.content.2.source" in reply.json()["error"]["message"]
