@@ -263,6 +263,26 @@ async def test_a_disconnect_stops_a_fetch(vision: Served, redirector: ImageServe
             await trio.sleep(0.05)
 
 
+async def test_the_deadline_covers_image_fetching(vision: Served, redirector: ImageServer) -> None:
+    body = chat_body(user(image(redirector.url + "/drip")))  # fetch timeout 10 s, request deadline 1 s
+    async with httpx.AsyncClient(timeout=BOUND_S) as client:
+        reply = await client.post(vision.url + "/v1/chat/completions", json=body, headers={"X-Request-Timeout": "1"})
+        assert reply.status_code == 504, reply.text
+        assert "image" in reply.json()["error"]["message"]
+        with trio.fail_after(BOUND_S):
+            while redirector.active:  # noqa: ASYNC110 (the state changes in the image server's thread)
+                await trio.sleep(0.05)
+        await still_serves(client, vision.url)
+
+
+async def test_truncate_cannot_cut_through_images(vision: Served) -> None:
+    async with httpx.AsyncClient(timeout=BOUND_S) as client:
+        body = chat_body(user(image(data_url(png()))), truncate=4)
+        reply = await client.post(vision.url + "/v1/chat/completions", json=body)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["param"] == "truncate"
+
+
 def rss_bytes(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmRSS:\s+(\d+) kB", status)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from trioserve.api.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
-from trioserve.api.images import ImagePolicy, check_count, image_refs, load_images
+from trioserve.api.images import ImagePolicy, ImageRef, check_count, image_refs, load_images
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.replies import (
     ChatChoice,
@@ -42,7 +42,7 @@ from trioserve.api.serving import (
 )
 from trioserve.api.toolcalls import tool_specs
 from trioserve.engine.engine import Engine, TokenStream
-from trioserve.errors import InvalidRequest, TrioserveError
+from trioserve.errors import DeadlineExceeded, InvalidRequest, TrioserveError
 from trioserve.text.reasoning import choose_thinking, prompt_opens
 from trioserve.text.toolparsers import BARE_JSON, choose_syntax
 from trioserve.types import CallSyntax, ImageInputs, OutputSchema, Runner, Thinking, Tokenizer
@@ -124,6 +124,7 @@ class ChatService(GenerationService):
                 ``messages[i].content[j]``).
             ModelNotFound: with ``strict_model_name``, the request named another model.
             Unavailable: the model failed to load.
+            DeadlineExceeded: reading the images took longer than the request's deadline.
         """
         arrived = trio.current_time()
         runner = await self.engine.ensure_loaded()
@@ -150,11 +151,7 @@ class ChatService(GenerationService):
             thinking = dataclasses.replace(thinking, opened=prompt_opens(prompt, thinking))
         images: ImageInputs | None = None
         if refs:
-            pictures = await load_images(refs, self.images)
-            prompt_ids, images = await trio.to_thread.run_sync(
-                tokenizer.encode_images, prompt, pictures, abandon_on_cancel=True
-            )
-            del pictures  # the processor's tensors are what the request keeps
+            prompt_ids, images = await self._encode_images(tokenizer, prompt, refs, arrived + time_limit)
         else:
             prompt_ids = tokenizer.encode(prompt)
         if body.truncate is not None:
@@ -188,6 +185,22 @@ class ChatService(GenerationService):
             logprobs=body.logprobs,
             plan=OutputPlan(calls=spec.calls, thinking=thinking, named=body.named_tool),
         )
+
+    async def _encode_images(
+        self, tokenizer: Tokenizer, prompt: str, refs: Sequence[ImageRef], deadline: float
+    ) -> tuple[list[int], ImageInputs]:
+        """The prompt's ids with its images' tokens, and the images as the model takes them: fetched and decoded
+        (`images.load_images`), then the processor (`Tokenizer.encode_images`) in a worker thread, all before
+        the request's deadline. Only the processor's output outlives this call.
+
+        Raises:
+            InvalidRequest: an image is refused.
+            DeadlineExceeded: the deadline passed first.
+        """
+        with trio.move_on_at(deadline):
+            pictures = await load_images(refs, self.images)
+            return await trio.to_thread.run_sync(tokenizer.encode_images, prompt, pictures, abandon_on_cancel=True)
+        raise DeadlineExceeded(f"reading the request's {len(refs)} image(s) took longer than its deadline")
 
     @staticmethod
     def _check_images(body: ChatCompletionRequest, tokenizer: Tokenizer, count: int, first: str) -> None:
