@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ssl
 import struct
 import threading
 import zlib
@@ -161,13 +162,17 @@ class ImageServer:
 
 
 @contextmanager
-def image_server(host: str = "127.0.0.1") -> Iterator[ImageServer]:
-    """The server on ``host`` (port 0) until the block ends; then stopped, its threads all joined."""
+def image_server(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> Iterator[ImageServer]:
+    """The server on ``host`` (port 0; HTTPS with ``ssl_context``) until the block ends; then stopped, its
+    threads all joined."""
     server = _ImageServer(host)
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name=f"image-server-{host}", daemon=True)
     thread.start()
     try:
-        yield ImageServer(f"http://{host}:{server.server_address[1]}", server)
+        scheme = "https" if ssl_context is not None else "http"
+        yield ImageServer(f"{scheme}://{host}:{server.server_address[1]}", server)
     finally:
         server.stopping.set()
         server.shutdown()

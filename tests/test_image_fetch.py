@@ -4,10 +4,12 @@ forgery checks, hop by hop, against the addresses a name really resolves to."""
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Iterator
 
 import pytest
 import trio
+import trustme
 
 from tests.imageserver import BIG_BYTES, ImageServer, image_server
 from trioserve.api.imagefetch import FetchPolicy, refused_address
@@ -49,6 +51,26 @@ async def refusal(url: str, images: ImagePolicy) -> InvalidRequest:
 async def test_fetches_an_image_from_an_allowed_address(server: ImageServer) -> None:
     image = await load_image(ImageRef(server.url + "/image.png", WHERE), policy())
     assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (8, 8), (200, 30, 40))
+
+
+async def test_https_goes_to_the_checked_address_and_verifies_the_name() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with image_server("127.0.0.1", ssl_context=server_context) as served:
+        port = served.url.rsplit(":", 1)[1]
+        # The connection goes to 127.0.0.1 (the checked address); TLS names localhost (SNI and the check).
+        image = await load_image(
+            ImageRef(f"https://localhost:{port}/image.png", WHERE), policy(ssl_context=client_context)
+        )
+        assert image.size == (8, 8)
+        # The certificate names localhost only: by IP, the check fails, so it is made.
+        error = await refusal(f"https://127.0.0.1:{port}/image.png", policy(ssl_context=client_context))
+        assert "could not be fetched" in error.message
+        assert "CERTIFICATE_VERIFY_FAILED" in error.message
+        assert served.requests == ["/image.png"]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "0.0.0.0"])

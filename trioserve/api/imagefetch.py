@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class FetchPolicy:
             (cloud metadata addresses never are).
         allowed_networks: networks whose addresses may be fetched although they are not public (an
             internal image store), cloud metadata addresses still excepted.
+        ssl_context: the certificates ``https`` servers are checked against (None: certifi's, as httpx).
     """
 
     enabled: bool = True
@@ -67,6 +69,7 @@ class FetchPolicy:
     allowed_domains: tuple[str, ...] = ()
     allow_private: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ssl_context: ssl.SSLContext | None = None
 
 
 def refused_address(
@@ -140,11 +143,13 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy, where: str) -> bytes:
     except httpx.InvalidURL as exc:
         raise _refusal(where, f"the image URL is not valid: {exc}") from None
     with trio.move_on_after(policy.timeout):
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=policy.timeout) as client:
+        async with httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, timeout=policy.timeout, verify=policy.ssl_context or True
+        ) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                request = await _checked_request(client, current, policy, where)
+                requests = await _checked_requests(client, current, policy, where)
                 try:
-                    async with _streamed(client, request) as response:
+                    async with _streamed(client, requests) as response:
                         if response.status_code in _REDIRECTS and "location" in response.headers:
                             current = _redirect_target(current, response.headers["location"], where)
                             continue
@@ -152,13 +157,15 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy, where: str) -> bytes:
                             raise _refusal(where, f"fetching the image URL returned HTTP status {response.status_code}")
                         return await _read_limited(response, policy.max_bytes, where)
                 except httpx.HTTPError as exc:
-                    raise _refusal(where, f"the image URL could not be fetched ({type(exc).__name__}: {exc})") from None
+                    raise _refusal(where, f"the image URL could not be fetched ({_reason(exc)})") from None
             raise _refusal(where, f"the image URL redirected more than {MAX_REDIRECTS} times")
     raise _refusal(where, f"fetching the image URL took longer than {policy.timeout:g} s")
 
 
-async def _checked_request(client: httpx.AsyncClient, url: httpx.URL, policy: FetchPolicy, where: str) -> httpx.Request:
-    """A GET to the checked address of ``url``'s host, naming the host in ``Host`` and TLS."""
+async def _checked_requests(
+    client: httpx.AsyncClient, url: httpx.URL, policy: FetchPolicy, where: str
+) -> list[httpx.Request]:
+    """A GET to each checked address of ``url``'s host (tried in order), naming the host in ``Host`` and TLS."""
     if url.scheme not in ("http", "https"):
         raise _refusal(where, f"image URL scheme {url.scheme!r} is not supported (http, https and data are)")
     host = url.host
@@ -167,15 +174,17 @@ async def _checked_request(client: httpx.AsyncClient, url: httpx.URL, policy: Fe
     if not host_allowed(host, policy.allowed_domains):
         raise _refusal(where, f"image host {host!r} is not in this server's allowed image domains")
     port = url.port or (443 if url.scheme == "https" else 80)
-    address = await _resolve(host, port, policy, where)
     headers = {"Host": url.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity"}
     extensions = {"sni_hostname": host} if url.scheme == "https" and not _is_ip(host) else {}
-    return client.build_request("GET", url.copy_with(host=str(address)), headers=headers, extensions=extensions)
+    return [
+        client.build_request("GET", url.copy_with(host=str(address)), headers=headers, extensions=extensions)
+        for address in await _resolve(host, port, policy, where)
+    ]
 
 
-async def _resolve(host: str, port: int, policy: FetchPolicy, where: str) -> IPAddress:
-    """The address to connect to: the first of ``host``'s, once every one of them has passed the check
-    (a name that also resolves to a refused address is refused: the client cannot choose which one)."""
+async def _resolve(host: str, port: int, policy: FetchPolicy, where: str) -> list[IPAddress]:
+    """The addresses to connect to, in the resolver's order, once every one of them has passed the check
+    (a name that also resolves to a refused address is refused: which one answers is not ours to choose)."""
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -187,12 +196,21 @@ async def _resolve(host: str, port: int, policy: FetchPolicy, where: str) -> IPA
         reason = refused_address(address, allow_private=policy.allow_private, allowed_networks=policy.allowed_networks)
         if reason is not None:
             raise _refusal(where, f"the image URL's host {host!r} resolves to {address}, {reason}: refused")
-    return addresses[0]
+    return list(dict.fromkeys(addresses))
 
 
 @asynccontextmanager
-async def _streamed(client: httpx.AsyncClient, request: httpx.Request) -> AsyncIterator[httpx.Response]:
-    response = await client.send(request, stream=True)
+async def _streamed(client: httpx.AsyncClient, requests: Sequence[httpx.Request]) -> AsyncIterator[httpx.Response]:
+    """The response of the first request whose address takes the connection (an IPv6 address of a host
+    whose IPv6 is down, then its IPv4 one), closed on the way out."""
+    for request in requests[:-1]:
+        try:
+            response = await client.send(request, stream=True)
+            break
+        except httpx.ConnectError:
+            continue
+    else:
+        response = await client.send(requests[-1], stream=True)
     try:
         yield response
     finally:
@@ -221,6 +239,18 @@ async def _read_limited(response: httpx.Response, max_bytes: int, where: str) ->
         if len(body) > max_bytes:
             raise _too_large(where, max_bytes)
     return bytes(body)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for the client: httpx's trio backend can leave its own message empty (a failed TLS
+    check), so the first message down the chain of causes says it."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or str(cause):
+            break
+        cause = cause.__cause__ or cause.__context__
+    detail = f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else ""
+    return f"{type(exc).__name__} ({detail})" if detail and cause is not exc else detail or type(exc).__name__
 
 
 def _is_ip(host: str) -> bool:
