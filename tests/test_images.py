@@ -5,15 +5,28 @@ parts on the wire (where they may stand, what the chat template sees)."""
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Sequence
 
 import pytest
+import trio
+import trio.testing
 from PIL import Image
 
 from tests.imageserver import data_url, encoded, lying_png, png
-from trioserve.api.images import ImagePolicy, ImageRef, check_count, decode_data_url, decode_image, image_refs
+from trioserve.api.images import (
+    ImageLoader,
+    ImagePolicy,
+    ImageRef,
+    check_count,
+    decode_data_url,
+    decode_image,
+    image_refs,
+)
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.validation import parse
 from trioserve.errors import InvalidRequest
+from trioserve.types import ImageInputs
 
 WHERE = "messages[2].content[0]"
 
@@ -171,3 +184,39 @@ def test_malformed_image_parts_name_the_field(part: dict[str, object], param: st
     with pytest.raises(InvalidRequest) as caught:
         chat_body({"role": "user", "content": [part]})
     assert caught.value.param == param
+
+
+class BlockingProcessor:
+    """Stands in for a vision tokenizer's `encode_images` (the one method `ImageLoader` calls): holds each
+    call until released, and counts how many run at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def encode_images(self, prompt: str, images: Sequence[Image.Image]) -> tuple[list[int], ImageInputs]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.release.wait(timeout=60)
+        with self.lock:
+            self.running -= 1
+        return [1, 2, 3], ImageInputs(features={}, digests=(), spans=())
+
+
+async def test_requests_decode_their_images_a_slot_at_a_time() -> None:
+    loader = ImageLoader(ImagePolicy(), slots=1)
+    processor = BlockingProcessor()
+    refs = [ImageRef(data_url(png(4, 4)), "messages[0].content[0]")]
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(loader.encode, processor, "<image>", refs)
+        with trio.fail_after(60):  # the first request's processor call starts (in a worker thread)
+            while processor.running == 0:  # noqa: ASYNC110 (set by a worker thread)
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert loader.limiter.statistics().tasks_waiting == 2  # the others wait for the slot, nothing decoded
+        processor.release.set()
+    assert processor.most == 1

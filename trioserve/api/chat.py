@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from trioserve.api.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
-from trioserve.api.images import ImagePolicy, ImageRef, check_count, image_refs, load_images
+from trioserve.api.images import ImageLoader, ImagePolicy, ImageRef, check_count, image_refs
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.replies import (
     ChatChoice,
@@ -79,7 +79,7 @@ class ChatService(GenerationService):
         images: ImagePolicy | None = None,
     ) -> None:
         super().__init__(engine, strict_model_name=strict_model_name)
-        self.images = images or ImagePolicy()
+        self.images = ImageLoader(images or ImagePolicy())
         self.tool_call_parser = tool_call_parser
         self.reasoning_parser = reasoning_parser
         self._formats: tuple[Tokenizer, CallSyntax | None, Thinking | None] | None = None
@@ -141,7 +141,7 @@ class ChatService(GenerationService):
         refs = image_refs(body.messages)
         if refs:
             self._check_images(body, tokenizer, len(refs), refs[0].where)
-            check_count(refs, self.images)
+            check_count(refs, self.images.policy)
         prompt = tokenizer.render_chat(
             [m.for_template() for m in body.messages],
             tools=[tool.for_template() for tool in in_play] or None,
@@ -189,17 +189,15 @@ class ChatService(GenerationService):
     async def _encode_images(
         self, tokenizer: Tokenizer, prompt: str, refs: Sequence[ImageRef], deadline: float
     ) -> tuple[list[int], ImageInputs]:
-        """The prompt's ids with its images' tokens, and the images as the model takes them: fetched and decoded
-        (`images.load_images`), then the processor (`Tokenizer.encode_images`) in a worker thread, all before
-        the request's deadline. Only the processor's output outlives this call.
+        """The prompt's ids with its images' tokens, and the images as the model takes them (`ImageLoader`),
+        before the request's deadline.
 
         Raises:
             InvalidRequest: an image is refused.
             DeadlineExceeded: the deadline passed first.
         """
         with trio.move_on_at(deadline):
-            pictures = await load_images(refs, self.images)
-            return await trio.to_thread.run_sync(tokenizer.encode_images, prompt, pictures, abandon_on_cancel=True)
+            return await self.images.encode(tokenizer, prompt, refs)
         raise DeadlineExceeded(f"reading the request's {len(refs)} image(s) took longer than its deadline")
 
     @staticmethod

@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,8 +28,12 @@ from trioserve.api.imagefetch import FetchPolicy, fetch_image_bytes
 from trioserve.api.protocol import ChatMessage
 from trioserve.config import Settings
 from trioserve.errors import InvalidRequest
+from trioserve.types import ImageInputs, Tokenizer
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Requests decoding and preprocessing images at once, server-wide (`ImageLoader`): enough to keep a few
+# cores busy, few enough that decoded images stay a bounded part of memory.
+DECODE_SLOTS = max(2, min(8, (os.cpu_count() or 2) // 2))
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.ASCII)
 _WHITESPACE = re.compile(rb"\s+")
 
@@ -93,36 +98,89 @@ def check_count(refs: Sequence[ImageRef], policy: ImagePolicy) -> None:
         )
 
 
-async def load_images(refs: Sequence[ImageRef], policy: ImagePolicy) -> list[Image.Image]:
-    """The images, decoded to RGB, in order; fetched (remote) and decoded (worker thread) one at a time,
-    so at most one image's undecoded bytes are held beside the decoded ones.
+class ImageLoader:
+    """Reads a request's images and hands them to the model's processor, bounding what is decoded at once.
 
-    Raises:
-        InvalidRequest: too many images, or one is refused (see `load_image`); ``param`` names its part.
+    A small PNG can decode to 48 MiB (4096 x 4096 RGB), and requests load their images before admission,
+    so without a bound many requests of many such images would hold gigabytes at once. Reading (remote
+    fetches, ``data:`` URLs as sent) has no bound beyond each image's bytes; decoding and the processor
+    hold a slot: at most ``slots`` requests hold decoded images at a time, the others wait their turn.
+
+    Args:
+        policy: the limits on each request's images.
+        slots: requests that may decode and preprocess at once.
     """
-    check_count(refs, policy)
-    return [await load_image(ref, policy) for ref in refs]
+
+    def __init__(self, policy: ImagePolicy, slots: int = DECODE_SLOTS) -> None:
+        self.policy = policy
+        self._slots = slots
+        self._limiter: trio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        if self._limiter is None:  # made on first use, inside the event loop that serves
+            self._limiter = trio.CapacityLimiter(self._slots)
+        return self._limiter
+
+    async def encode(
+        self, tokenizer: Tokenizer, prompt: str, refs: Sequence[ImageRef]
+    ) -> tuple[list[int], ImageInputs]:
+        """``prompt`` with its images' tokens, and the images as the model takes them (`Tokenizer.encode_images`,
+        in a worker thread, as each decode). Only the processor's output outlives this call; a cancelled
+        request stops waiting at once (a worker thread finishes its bounded work and its result is dropped).
+
+        Raises:
+            InvalidRequest: too many images, or one is refused (see `load_image`); ``param`` names its part.
+        """
+        check_count(refs, self.policy)
+        sources = [await read_image(ref, self.policy) for ref in refs]
+        async with self.limiter:
+            pictures = [
+                await trio.to_thread.run_sync(decode_source, source, ref, self.policy, abandon_on_cancel=True)
+                for source, ref in zip(sources, refs, strict=True)
+            ]
+            del sources  # the undecoded bytes: no longer needed while the processor runs
+            return await trio.to_thread.run_sync(tokenizer.encode_images, prompt, pictures, abandon_on_cancel=True)
 
 
 async def load_image(ref: ImageRef, policy: ImagePolicy) -> Image.Image:
-    """One image, decoded to RGB. A cancelled request stops waiting for a decode at once (the worker
-    thread finishes its bounded work and its result is dropped).
+    """One image, read (`read_image`) and decoded to RGB in a worker thread (`decode_source`).
 
     Raises:
-        InvalidRequest: an unsupported URL scheme, a malformed data URL, too many bytes, a refused or failed
-            fetch, not an image (or not PNG/JPEG/WebP/GIF), truncated data, or too many pixels.
+        InvalidRequest: as `read_image` and `decode_source`.
+    """
+    source = await read_image(ref, policy)
+    return await trio.to_thread.run_sync(decode_source, source, ref, policy, abandon_on_cancel=True)
+
+
+async def read_image(ref: ImageRef, policy: ImagePolicy) -> str | bytes:
+    """An image's undecoded form: a ``data:`` URL as it is (decoded with the image), a remote one's body.
+
+    Raises:
+        InvalidRequest: an unsupported URL scheme, or a refused or failed fetch (`imagefetch`).
     """
     scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
     if scheme == "data":
-        return await trio.to_thread.run_sync(decode_data_url, ref.url, policy, ref.where, abandon_on_cancel=True)
+        return ref.url
     if scheme in ("http", "https"):
-        data = await fetch_image_bytes(ref.url, policy.fetch, ref.where)
-        return await trio.to_thread.run_sync(decode_image, data, policy.max_pixels, ref.where, abandon_on_cancel=True)
+        return await fetch_image_bytes(ref.url, policy.fetch, ref.where)
     raise InvalidRequest(
         f"{ref.where}: image URL scheme {scheme or ref.url[:16]!r} is not supported (data:, http and https are)",
         param=ref.where,
         code="invalid_image_url",
     )
+
+
+def decode_source(source: str | bytes, ref: ImageRef, policy: ImagePolicy) -> Image.Image:
+    """What `read_image` gave, decoded to RGB (`decode_data_url` or `decode_image`). CPU-heavy.
+
+    Raises:
+        InvalidRequest: a malformed data URL, too many bytes, not an image (or not PNG/JPEG/WebP/GIF),
+            truncated data, or too many pixels.
+    """
+    if isinstance(source, str):
+        return decode_data_url(source, policy, ref.where)
+    return decode_image(source, policy.max_pixels, ref.where)
 
 
 def decode_data_url(url: str, policy: ImagePolicy, where: str) -> Image.Image:
