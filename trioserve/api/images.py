@@ -196,11 +196,11 @@ def decode_data_url(url: str, policy: ImagePolicy, where: str) -> Image.Image:
             param=where,
             code="invalid_image",
         )
-    payload = url[match.end() :]
-    if len(payload) // 4 * 3 > policy.max_bytes + 2:  # the decoded size, to within padding
+    if (len(url) - match.end()) // 4 * 3 > policy.max_bytes + 2:  # the decoded size, to within padding; no copy
         raise InvalidRequest(
             f"{where}: the image is larger than {policy.max_bytes} bytes", param=where, code="image_too_large"
         )
+    payload = url[match.end() :]
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
