@@ -21,6 +21,7 @@ from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
 from trioserve.api.anthropic.service import MessagesService
 from trioserve.api.chat import ChatService
 from trioserve.api.completions import CompletionService
+from trioserve.api.images import ImagePolicy
 from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from trioserve.api.responses.protocol import ResponsesRequest, dump_event
 from trioserve.api.responses.service import ResponseNotFound, ResponsesService
@@ -147,6 +148,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         strict_model_name=settings.strict_model_name,
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
+        images=ImagePolicy.from_settings(settings),
     )
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
