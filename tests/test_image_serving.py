@@ -2,7 +2,8 @@
 anything; the hostile set (a lying header, loopback URLs direct and by redirect, 50 MB, not an image, 100
 images) is answered 400 in bounded time, on a connection that goes on serving, with the server's memory
 back where it was; a disconnect stops a fetch. The vision side is `tests.vision`'s tokenizer double (the
-demo model seen as a vision model: see its docstring for what that does and does not show)."""
+demo model seen as a vision model: see its docstring for what that does and does not show); a real tiny
+vision-language model serves images end to end in `tests/test_vision_e2e.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A test double of a vision-language model's tokenizer, for the serving glue, until a real tiny VLM serves.
+"""A test double of a vision-language model's tokenizer, for the serving glue: it records what serving hands it.
 
 `ImageTokenizer` is the demo model's real tokenizer, saying it takes images: ``render_chat`` writes each
 ``{"type": "image"}`` part as ``<image>``, and ``encode_images`` expands each into `TOKENS_PER_IMAGE` tokens
