@@ -25,7 +25,7 @@ import trio
 from PIL import Image, UnidentifiedImageError
 
 from trioserve.api.imagefetch import FetchPolicy, fetch_image_bytes
-from trioserve.api.protocol import ChatMessage
+from trioserve.api.messages import ChatMessage
 from trioserve.config import Settings
 from trioserve.errors import InvalidRequest
 from trioserve.types import ImageInputs, Tokenizer

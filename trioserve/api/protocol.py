@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from trioserve.api.imageparts import ImagePart
+from trioserve.api.messages import ChatMessage, check_contents
 from trioserve.api.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
 from trioserve.api.validation import WireModel
 from trioserve.errors import InvalidRequest
@@ -34,104 +34,6 @@ MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue pl
 
 
 # -- requests -------------------------------------------------------------------------------------------
-
-
-class TextPart(WireModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(WireModel):
-    """One message. ``content`` is a string or an array of parts: text parts (joined with no separator) and,
-    in user messages, images (`imageparts`)."""
-
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI shape)
-    tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content if isinstance(part, TextPart))
-
-    def images(self) -> list[tuple[int, ImagePart]]:
-        """The image parts, with their indices in ``content``."""
-        if not isinstance(self.content, list):
-            return []
-        return [(index, part) for index, part in enumerate(self.content) if isinstance(part, ImagePart)]
-
-    def for_template(self) -> dict[str, Any]:
-        # Most chat templates know no "developer" role; OpenAI treats it as the newer name of "system".
-        role = "system" if self.role == "developer" else self.role
-        content: str | list[dict[str, str]] = self.text()
-        if self.images():
-            # Hugging Face's convention for templates of vision-language models: an image part stands where
-            # the image goes, and the processor expands it into the image's tokens.
-            content = [
-                {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
-                for part in self.content or ()
-            ]
-        message: dict[str, Any] = {"role": role, "content": content}
-        if self.tool_calls:
-            message["tool_calls"] = [_call_for_template(call) for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        reasoning = (self.model_extra or {}).get("reasoning_content")
-        if isinstance(reasoning, str):
-            message["reasoning_content"] = reasoning  # templates that keep (or drop) earlier thinking read it
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-def check_contents(messages: list[ChatMessage]) -> None:
-    """Every message has ``content``, except an assistant turn that made calls (as OpenAI requires); images
-    only in user messages.
-
-    Raises:
-        InvalidRequest: a message without content; ``param`` is its path (``messages.0.content``). An image
-            in another role's message (``param`` ``messages[i].content[j]``).
-    """
-    for index, message in enumerate(messages):
-        images = message.images()
-        if images and message.role != "user":
-            where = f"messages[{index}].content[{images[0][0]}]"
-            raise InvalidRequest(
-                f"{where}: image parts are only taken in user messages (this one is {message.role!r})", param=where
-            )
-        calls = message.tool_calls or (message.model_extra or {}).get("function_call")
-        if message.content is None and not (message.role == "assistant" and calls):
-            raise InvalidRequest(
-                f"Missing required parameter: 'messages[{index}].content'"
-                + (
-                    " (an assistant message may omit it only when it has tool_calls)"
-                    if message.role == "assistant"
-                    else ""
-                ),
-                param=f"messages.{index}.content",
-                code="missing_required_parameter",
-            )
-
-
-def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
-    """Chat templates expect a call's arguments as a mapping; OpenAI sends them as JSON text."""
-    function = call.get("function")
-    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-        try:
-            arguments = json.loads(function["arguments"])
-        except ValueError:
-            return call
-        return call | {"function": function | {"arguments": arguments}}
-    return call
 
 
 class StreamOptions(WireModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trioserve.api.protocol import ChatMessage, check_contents
+from trioserve.api.messages import ChatMessage, check_contents
 from trioserve.api.toolcalls import Tool
 from trioserve.api.validation import WireModel
 from trioserve.engine.engine import Engine
