@@ -219,14 +219,14 @@ def _paddle_config(tokenizer: PreTrainedTokenizerBase) -> Any:
 
 
 def _qwen_processor(tokenizer: PreTrainedTokenizerBase, template: str) -> ProcessorMixin:
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     pixels = IMAGE_SIZE * IMAGE_SIZE
-    images = Qwen2VLImageProcessorPil(
-        patch_size=_PATCH, merge_size=2, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels}
-    )
+    sizes: dict[str, Any] = {"patch_size": _PATCH, "merge_size": 2, "temporal_patch_size": 2}
+    images = Qwen2VLImageProcessorPil(**sizes, size={"shortest_edge": pixels, "longest_edge": pixels})
+    videos = Qwen2VLVideoProcessor(**sizes)  # the processor wants one, though we take no video
     return Qwen2VLProcessor(  # type: ignore[no-untyped-call]
-        image_processor=images, tokenizer=tokenizer, chat_template=template
+        image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=template
     )
 
 
