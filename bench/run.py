@@ -139,7 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--control", type=int, default=4, help="--multi-turn: distinct-prompt requests (no reuse)")
     parser.add_argument("--max-concurrent", type=int, default=4, help="--multi-turn: the servers' request slots")
     parser.add_argument("--prefix-cache-slots", type=int, default=4, help="--multi-turn: trioserve's cache-only slots")
+    parser.add_argument(
+        "--image", action="store_true", help="TTFT with one image beside a text prompt of as many tokens (CPU)"
+    )
+    parser.add_argument("--image-text-hidden", type=int, default=512, help="--image: the language model's width")
+    parser.add_argument("--image-text-layers", type=int, default=4, help="--image: the language model's layers")
     args = parser.parse_args(argv)
+    if args.image:
+        from bench.vision import run_image
+
+        args.repeats = max(args.repeats, 5)
+        return run_image(args)
     if args.multi_turn:
         from bench.multiturn import run_multi_turn
 

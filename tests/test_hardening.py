@@ -483,6 +483,35 @@ async def test_drain_refuses_new_streams_and_ends_running_ones_with_an_error_eve
             await client.aclose()
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "last"),
+    [
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 1000}, "response.failed"),
+        ("/v1/messages", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, "error"),
+    ],
+)
+async def test_drain_ends_responses_and_messages_streams_with_their_error_event_before_the_deadline(
+    path: str, body: dict[str, object], last: str
+) -> None:
+    # Every generation route counts its requests among those the drain deadline closes, not only chat's.
+    app = demo_app(slow=True, graceful_timeout=2.0)
+    stop = trio.Event()
+    with trio.fail_after(15):
+        async with running(app, stop=stop) as url:
+            client = await RawH2.open(url)
+            in_flight = await client.post(path, json.dumps(body | {"ignore_eos": True, "stream": True}).encode())
+            await client.until(lambda: b"data: " in client.body(in_flight))
+            app.start_draining()
+            stop.set()
+            await client.until(lambda: client.ended(in_flight), seconds=4)
+            lines = client.body(in_flight).decode().split("\n")
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert events[-1]["type"] == last, events[-1]
+            (error,) = [event for event in events if event["type"] == "error"]
+            assert "cancelled by the server" in json.dumps(error), error
+            await client.aclose()
+
+
 def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     log = tmp_path / "log"
     environ = os.environ | {"PYTHONUNBUFFERED": "1", "HOTLOAD": "true", "PORT": "0", **env}
@@ -619,12 +648,12 @@ async def test_a_slow_readers_stream_arrives_whole_when_writes_stop_fitting(monk
     # `ContainedTCPServer` writes to the socket directly while the kernel takes everything; a client with a
     # tiny receive buffer that reads nothing for a while makes writes fail or land in part, and the rest must
     # then go through Hypercorn's own send, in order, with nothing lost or doubled.
-    through_hypercorn = 0
+    fell_back = trio.Event()
     original = hypercorn_fixes.TCPServer.protocol_send
 
     async def counted(self: Any, event: Any) -> None:
-        nonlocal through_hypercorn
-        through_hypercorn += isinstance(event, hypercorn_fixes.RawData)
+        if isinstance(event, hypercorn_fixes.RawData):
+            fell_back.set()
         await original(self, event)
 
     monkeypatch.setattr(hypercorn_fixes.TCPServer, "protocol_send", counted)
@@ -653,7 +682,9 @@ async def test_a_slow_readers_stream_arrives_whole_when_writes_stop_fitting(monk
             request = client.send(h11.Request(method="POST", target=CHAT, headers=headers))
             await stream.send_all((request or b"") + (client.send(h11.Data(data=data)) or b""))
             client.send(h11.EndOfMessage())
-            await trio.sleep(1.0)  # the server writes on; the client reads nothing
+            # The client reads nothing until a write has not fitted (however slowly this machine generates).
+            with trio.fail_after(60):
+                await fell_back.wait()
             with trio.fail_after(30):
                 while not isinstance(event := client.next_event(), h11.EndOfMessage):
                     if event is h11.NEED_DATA:
@@ -667,4 +698,3 @@ async def test_a_slow_readers_stream_arrives_whole_when_writes_stop_fitting(monk
         for choice in chunk["choices"]:
             tokens[choice["index"]] += len((choice.get("logprobs") or {}).get("content") or [])
     assert tokens == [60] * 4
-    assert through_hypercorn > 0  # the fallback was exercised

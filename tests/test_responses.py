@@ -336,9 +336,28 @@ def test_a_deadline_fails_the_stream_and_is_a_504_otherwise(served: Served) -> N
     ("body", "param"),
     [
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (  # the demo model is a text-only one
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "x"}, {"type": "input_image", "image_url": "u"}],
+                    }
+                ]
+            },
+            "input[0].content[1]",
+        ),
         (
-            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0].type",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+            "input[0].content[0].file_id",
+        ),
+        (
+            {"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            "input[0].content[0]",
         ),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": [{"type": "function_call", "call_id": 1, "name": "f", "arguments": "{}"}]}, "input[0].call_id"),

@@ -8,11 +8,12 @@ commands and scripts keep working. A flag given on the command line wins over th
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DType = Literal["auto", "bfloat16", "float16", "float32", "float64"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -88,6 +89,33 @@ class Settings(BaseModel):
     metrics_public: bool = Field(False, description="serve /metrics without an API key")
     cors_origin: list[str] = Field([], description="allowed CORS origin (repeatable; '*' for any)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    max_images_per_request: int = Field(16, ge=0, description="images one request may carry (vision-language models)")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="bytes of one image (a data: URL's decoded base64, or a fetched body)"
+    )
+    # At most Pillow's own decompression-bomb limit, which would otherwise refuse first with its own message.
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        le=89_478_485,
+        description="width x height of one image, read from its header before decoding",
+    )
+    remote_images: bool = Field(True, description="fetch http(s) image URLs (off: only data: URLs are taken)")
+    image_fetch_timeout: float = Field(
+        10.0, gt=0, description="seconds fetching one image URL may take, redirects included"
+    )
+    allowed_image_domains: list[str] = Field(
+        [],
+        description="host whose images may be fetched, and its subdomains (repeatable; env: comma-separated; "
+        "none: any host)",
+    )
+    allowed_image_networks: list[str] = Field(
+        [],
+        description="network (CIDR) image URLs may reach though not public (repeatable; env: comma-separated)",
+    )
+    allow_private_image_urls: bool = Field(
+        False, description="fetch image URLs on loopback, private and link-local addresses (cloud metadata: never)"
+    )
     strict_model_name: bool = Field(False, description="404 for requests naming another model")
     responses_store_size: int = Field(
         1000, ge=0, description="finished /v1/responses kept in memory for previous_response_id (LRU; 0: none)"
@@ -99,6 +127,16 @@ class Settings(BaseModel):
     reasoning_parser: ReasoningParser = Field(
         "auto", description="thinking block: auto (from the chat template), none, or think"
     )
+
+    @field_validator("allowed_image_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (CIDR such as 10.0.0.0/8)") from None
+        return value
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
@@ -145,6 +183,14 @@ _ENV_NAMES: dict[str, tuple[str, ...]] = {
     "metrics_public": ("METRICS_PUBLIC",),
     "cors_origin": ("CORS_ORIGIN", "CORS_ORIGINS"),
     "max_body_bytes": ("MAX_BODY_BYTES",),
+    "max_images_per_request": ("MAX_IMAGES_PER_REQUEST",),
+    "max_image_bytes": ("MAX_IMAGE_BYTES",),
+    "max_image_pixels": ("MAX_IMAGE_PIXELS",),
+    "remote_images": ("REMOTE_IMAGES",),
+    "image_fetch_timeout": ("IMAGE_FETCH_TIMEOUT",),
+    "allowed_image_domains": ("ALLOWED_IMAGE_DOMAINS",),
+    "allowed_image_networks": ("ALLOWED_IMAGE_NETWORKS",),
+    "allow_private_image_urls": ("ALLOW_PRIVATE_IMAGE_URLS",),
     "strict_model_name": ("STRICT_MODEL_NAME",),
     "responses_store_size": ("RESPONSES_STORE_SIZE",),
     "log_level": ("LOG_LEVEL",),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from trioserve.api.chatoutput import ChoiceReader, OutputPlan, deltas_of, message_of
+from trioserve.api.images import ImageLoader, ImagePolicy, ImageRef, check_count, image_refs
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.replies import (
     ChatChoice,
@@ -41,10 +42,10 @@ from trioserve.api.serving import (
 )
 from trioserve.api.toolcalls import tool_specs
 from trioserve.engine.engine import Engine, TokenStream
-from trioserve.errors import TrioserveError
+from trioserve.errors import DeadlineExceeded, InvalidRequest, TrioserveError
 from trioserve.text.reasoning import choose_thinking, prompt_opens
 from trioserve.text.toolparsers import BARE_JSON, choose_syntax
-from trioserve.types import CallSyntax, OutputSchema, Runner, Thinking, Tokenizer
+from trioserve.types import CallSyntax, ImageInputs, OutputSchema, Runner, Thinking, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ChatService(GenerationService):
         tool_call_parser: the call syntax (`toolparsers`): "auto" reads it from the chat template, "none"
             turns calls in ``tool_choice`` "auto" off.
         reasoning_parser: the thinking block (`reasoning`): "auto" if the chat template has one, "none" off.
+        images: the limits on images in messages, and how remote ones are fetched.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class ChatService(GenerationService):
         strict_model_name: bool = False,
         tool_call_parser: str = "auto",
         reasoning_parser: str = "auto",
+        images: ImagePolicy | None = None,
     ) -> None:
         super().__init__(engine, strict_model_name=strict_model_name)
+        self.images = ImageLoader(images or ImagePolicy())
         self.tool_call_parser = tool_call_parser
         self.reasoning_parser = reasoning_parser
         self._formats: tuple[Tokenizer, CallSyntax | None, Thinking | None] | None = None
@@ -111,10 +115,16 @@ class ChatService(GenerationService):
             time_limit: seconds from now the whole request may take (its deadline).
             tenant: who sent it (a digest of its API key): only its own requests share its prefix cache.
 
+        Images are checked before anything is fetched or decoded (a text-only model, too many of them), then
+        fetched and decoded one by one in this request's scope, then tokenized with the prompt in a worker
+        thread (`Tokenizer.encode_images`).
+
         Raises:
-            InvalidRequest: the prompt or a parameter does not fit the model.
+            InvalidRequest: the prompt or a parameter does not fit the model; an image is refused (``param``
+                ``messages[i].content[j]``).
             ModelNotFound: with ``strict_model_name``, the request named another model.
             Unavailable: the model failed to load.
+            DeadlineExceeded: reading the images took longer than the request's deadline.
         """
         arrived = trio.current_time()
         runner = await self.engine.ensure_loaded()
@@ -128,6 +138,10 @@ class ChatService(GenerationService):
             else:
                 in_play = []
                 self._report_unparsed_tools()
+        refs = image_refs(body.messages)
+        if refs:
+            self._check_images(body, tokenizer, len(refs), refs[0].where)
+            check_count(refs, self.images.policy)
         prompt = tokenizer.render_chat(
             [m.for_template() for m in body.messages],
             tools=[tool.for_template() for tool in in_play] or None,
@@ -135,7 +149,11 @@ class ChatService(GenerationService):
         )
         if thinking is not None:
             thinking = dataclasses.replace(thinking, opened=prompt_opens(prompt, thinking))
-        prompt_ids = tokenizer.encode(prompt)
+        images: ImageInputs | None = None
+        if refs:
+            prompt_ids, images = await self._encode_images(tokenizer, prompt, refs, arrived + time_limit)
+        else:
+            prompt_ids = tokenizer.encode(prompt)
         if body.truncate is not None:
             prompt_ids = prompt_ids[-body.truncate :]
         max_tokens = resolve_max_tokens(runner, len(prompt_ids), body.requested_max_tokens())
@@ -156,7 +174,9 @@ class ChatService(GenerationService):
         completion_id = request_id or chat_completion_id()
         return ChatPrepared(
             body=body,
-            generations=self._choices(completion_id, [prompt_ids], [params], body.n, cache_scope(tenant, body)),
+            generations=self._choices(
+                completion_id, [prompt_ids], [params], body.n, cache_scope(tenant, body), images=images
+            ),
             completion_id=completion_id,
             created=now(),
             model=runner.model_id,
@@ -165,6 +185,37 @@ class ChatService(GenerationService):
             logprobs=body.logprobs,
             plan=OutputPlan(calls=spec.calls, thinking=thinking, named=body.named_tool),
         )
+
+    async def _encode_images(
+        self, tokenizer: Tokenizer, prompt: str, refs: Sequence[ImageRef], deadline: float
+    ) -> tuple[list[int], ImageInputs]:
+        """The prompt's ids with its images' tokens, and the images as the model takes them (`ImageLoader`),
+        before the request's deadline.
+
+        Raises:
+            InvalidRequest: an image is refused.
+            DeadlineExceeded: the deadline passed first.
+        """
+        with trio.move_on_at(deadline):
+            return await self.images.encode(tokenizer, prompt, refs)
+        raise DeadlineExceeded(f"reading the request's {len(refs)} image(s) took longer than its deadline")
+
+    @staticmethod
+    def _check_images(body: ChatCompletionRequest, tokenizer: Tokenizer, count: int, first: str) -> None:
+        """What is refused before any image is fetched or decoded.
+
+        Raises:
+            InvalidRequest: the model takes no images, or ``truncate`` would cut through an image's tokens.
+        """
+        if not tokenizer.takes_images:
+            raise InvalidRequest(
+                f"{first}: this model does not take image input (the request has {count} image part"
+                f"{'s' if count > 1 else ''}); send text only",
+                param=first,
+                code="image_input_not_supported",
+            )
+        if body.truncate is not None:
+            raise InvalidRequest("truncate cannot be combined with images", param="truncate")
 
     def _report_unparsed_tools(self) -> None:
         if not self._reported_unparsed_tools:

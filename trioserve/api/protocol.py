@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from trioserve.api.messages import ChatMessage, check_contents
 from trioserve.api.toolcalls import NamedToolChoice, Tool, ToolChoice, forced_tools, tools_in_play
 from trioserve.api.validation import WireModel
 from trioserve.errors import InvalidRequest
@@ -33,78 +34,6 @@ MAX_CHOICES = 128  # OpenAI's limit; each choice also needs a slot or a queue pl
 
 
 # -- requests -------------------------------------------------------------------------------------------
-
-
-class TextPart(WireModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(WireModel):
-    """One message. ``content`` is a string or an array of text parts (joined with no separator)."""
-
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI shape)
-    tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def for_template(self) -> dict[str, Any]:
-        # Most chat templates know no "developer" role; OpenAI treats it as the newer name of "system".
-        role = "system" if self.role == "developer" else self.role
-        message: dict[str, Any] = {"role": role, "content": self.text()}
-        if self.tool_calls:
-            message["tool_calls"] = [_call_for_template(call) for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        reasoning = (self.model_extra or {}).get("reasoning_content")
-        if isinstance(reasoning, str):
-            message["reasoning_content"] = reasoning  # templates that keep (or drop) earlier thinking read it
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-def check_contents(messages: list[ChatMessage]) -> None:
-    """Every message has ``content``, except an assistant turn that made calls (as OpenAI requires).
-
-    Raises:
-        InvalidRequest: a message without content; ``param`` is its path (``messages.0.content``).
-    """
-    for index, message in enumerate(messages):
-        calls = message.tool_calls or (message.model_extra or {}).get("function_call")
-        if message.content is None and not (message.role == "assistant" and calls):
-            raise InvalidRequest(
-                f"Missing required parameter: 'messages[{index}].content'"
-                + (
-                    " (an assistant message may omit it only when it has tool_calls)"
-                    if message.role == "assistant"
-                    else ""
-                ),
-                param=f"messages.{index}.content",
-                code="missing_required_parameter",
-            )
-
-
-def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
-    """Chat templates expect a call's arguments as a mapping; OpenAI sends them as JSON text."""
-    function = call.get("function")
-    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-        try:
-            arguments = json.loads(function["arguments"])
-        except ValueError:
-            return call
-        return call | {"function": function | {"arguments": arguments}}
-    return call
 
 
 class StreamOptions(WireModel):

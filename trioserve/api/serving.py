@@ -26,7 +26,15 @@ from trioserve.errors import (
     Unavailable,
 )
 from trioserve.text.tokenization import StopMatcher
-from trioserve.types import FinishReason, GenerationRequest, Runner, SamplingParams, TokenEvent, Tokenizer
+from trioserve.types import (
+    FinishReason,
+    GenerationRequest,
+    ImageInputs,
+    Runner,
+    SamplingParams,
+    TokenEvent,
+    Tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 MAX_REPORTED_UNKNOWN = 256  # distinct unknown request field names logged (once each) per process
@@ -229,6 +237,8 @@ class GenerationService:
         params: Sequence[SamplingParams],
         n: int,
         scope: str = "",
+        *,
+        images: ImageInputs | None = None,
     ) -> tuple[GenerationRequest, ...]:
         """Choice ``p * n + i`` is the ``i``-th sample for prompt ``p``, each its own sequence. With a seed,
         sample ``i`` uses ``seed + i``: the choices differ and stay reproducible."""
@@ -239,7 +249,9 @@ class GenerationService:
                 seed = base.seed + i if base.seed is not None else None
                 request_id = completion_id if index == 0 else f"{completion_id}-{index}"
                 sampling = dataclasses.replace(base, seed=seed)
-                generations.append(GenerationRequest(request_id, tuple(prompt), sampling, cache_scope=scope))
+                generations.append(
+                    GenerationRequest(request_id, tuple(prompt), sampling, cache_scope=scope, images=images)
+                )
         return tuple(generations)
 
     async def _next(self, prepared: Prepared, stream: TokenStream) -> list[TokenEvent]:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trioserve.api.protocol import ChatMessage, check_contents
+from trioserve.api.messages import ChatMessage, check_contents
 from trioserve.api.toolcalls import Tool
 from trioserve.api.validation import WireModel
 from trioserve.engine.engine import Engine
@@ -81,7 +81,8 @@ class TokenService:
 
     async def tokenize(self, body: TokenizePromptRequest | TokenizeChatRequest) -> TokenizeResponse:
         """Raises:
-        InvalidRequest: an option this server does not support, or the template rejected the messages.
+        InvalidRequest: an option this server does not support (images included), or the template rejected the
+            messages.
         ModelNotFound: with ``strict_model_name``, the body named another model.
         """
         runner = await self._runner(body.model)
@@ -94,6 +95,10 @@ class TokenService:
                     "add_generation_prompt false is not supported by this server (chat requests always add it)",
                     param="add_generation_prompt",
                 )
+            for index, message in enumerate(body.messages):
+                for position, _ in message.images()[:1]:
+                    where = f"messages[{index}].content[{position}]"
+                    raise InvalidRequest(f"{where}: /tokenize does not take images (not supported)", param=where)
             tools = [tool.for_template() for tool in body.tools] if body.tools else None
             ids = runner.tokenizer.encode_chat([m.for_template() for m in body.messages], tools=tools)
         elif body.add_special_tokens:

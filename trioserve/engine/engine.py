@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from trioserve.config import ConfigError
 from trioserve.engine.scheduler import Entry, Phase, QueueFull, Scheduler
 from trioserve.engine.streams import Outbox, RequestRecord, SequenceState, TokenStream
 from trioserve.errors import GenerationFailed, Overloaded, TrioserveError, Unavailable
@@ -177,6 +178,9 @@ class Engine:
         self._loading = True
         try:
             runner = await trio.to_thread.run_sync(self._load_runner, limiter=self.limiter)
+        except ConfigError as exc:  # a model or setting this install cannot serve: the message says why
+            logger.error("loading the model failed: %s", exc)
+            self.load_error = exc
         except Exception as exc:
             logger.exception("loading the model failed")
             self.load_error = exc

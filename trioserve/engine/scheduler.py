@@ -6,7 +6,8 @@ States of a sequence, and why each exists::
     PREFILLING  holds a slot; its prompt goes through the model within a token budget per step: whole
                 short prompts together in one pass, a long one a chunk per step, so one long prompt never
                 holds the running batch (or a cancellation) for more than a chunk (whole, with
-                ``prefill_whole``, for models that cannot continue a prompt from cached state)
+                ``prefill_whole``, for models that cannot continue a prompt from cached state); a prompt
+                with images alone, its first chunk reaching past its last image
     DECODING    holds a slot and KV; decoded every step with the whole batch (or in turn, one per step,
                 when the model cannot be batched)
 
@@ -126,13 +127,18 @@ class Scheduler:
             return ()
         head = prefilling[0]
         size = len(head.request.prompt_ids)
-        if head.prefilled > 0 or size > self.prefill_chunk or self.batch_size == 1:
+        images = head.request.images
+        if head.prefilled > 0 or size > self.prefill_chunk or self.batch_size == 1 or images is not None:
             end = size if self.prefill_whole else min(head.prefilled + self.prefill_chunk, size)
+            if images is not None and images.spans and head.prefilled == 0:
+                # The images go through the model in the first chunk, all of them: a chunk that ended inside or
+                # between them would hand the vision encoder part of a prompt's images.
+                end = max(end, images.spans[-1][1])
             return (PrefillChunk(head.seq_id, head.request, head.prefilled, end),)
         group, width = [head], size
         for entry in prefilling[1:]:
             wider = max(width, len(entry.request.prompt_ids))
-            if entry.prefilled > 0 or wider * (len(group) + 1) > self.prefill_chunk:
+            if entry.prefilled > 0 or entry.request.images is not None or wider * (len(group) + 1) > self.prefill_chunk:
                 break
             group.append(entry)
             width = wider

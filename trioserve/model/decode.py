@@ -64,9 +64,10 @@ class DecodeStep:
         self.column_buckets = buckets(arena.max_len, min(MIN_COLUMNS, arena.max_len))
         device = arena.keys[0].device
         slots = arena.slots
-        # ids, positions, write columns: one host->device copy per pass fills all three.
-        self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
-        self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda")
+        # ids, positions, write columns, rotary positions (the position plus a per-sequence offset, for models
+        # with multi-axis rotary positions after an image): one host->device copy per pass fills all four.
+        self._inputs = torch.zeros(4, slots, dtype=torch.long, device=device)
+        self._host = torch.zeros(4, slots, dtype=torch.long, pin_memory=device.type == "cuda")
         vocab = int(model.config.get_text_config().vocab_size)
         self._logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
         self._windows = [shape.sliding_window for shape in arena.layers]
@@ -75,19 +76,29 @@ class DecodeStep:
         self.capture_seconds = 0.0
         self.masks_seen = 0  # attention calls of the last pass that used the arena masks
 
-    def run(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One decode pass: ``tokens[i]`` enters at ``positions[i]`` of slot ``slots[i]``; returns the float32
-        logits of those rows, in that order ([len(slots), vocab], on the model's device)."""
+    def run(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        rope_offsets: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """One decode pass: ``tokens[i]`` enters at ``positions[i]`` of slot ``slots[i]`` (its rotary position
+        shifted by ``rope_offsets[i]``, if given); returns the float32 logits of those rows, in that order
+        ([len(slots), vocab], on the model's device)."""
         rows = bucket_of(self.row_buckets, max(slots) + 1)
         # Graphs need a fixed set of shapes; an eager pass attends over exactly the columns in use.
         need = max(positions) + 1
         columns = bucket_of(self.column_buckets, need) if self.captured else need
         host = self._host
         host[:2].zero_()  # padding rows: token 0 at position 0 ...
+        host[3].zero_()
         host[2].fill_(self._arena.scratch)  # ... writing to the scratch column
         index = torch.tensor(slots, dtype=torch.long)
         host[0, index] = torch.tensor(tokens, dtype=torch.long)
-        host[1, index] = host[2, index] = torch.tensor(positions, dtype=torch.long)
+        host[1, index] = host[2, index] = host[3, index] = torch.tensor(positions, dtype=torch.long)
+        if rope_offsets is not None:
+            host[3, index] += torch.tensor(rope_offsets, dtype=torch.long)
         self._inputs.copy_(host, non_blocking=True)  # whole buffers: one small contiguous copy
         self._pass(rows, columns)()
         logits = self._logits[:rows]
@@ -108,11 +119,12 @@ class DecodeStep:
     def _forward(self, rows: int, columns: int) -> None:
         """The pass itself, reading only the persistent buffers and writing only the logits buffer."""
         ids, positions, write_at = self._inputs[0, :rows], self._inputs[1, :rows], self._inputs[2, :rows]
+        rotary = self._inputs[3, :rows]
         masks = DecodeMasks(positions, columns, self._windows, additive=self._additive)
         cache = ArenaCache(self._arena, write_at, columns)
         out = self._model(
             input_ids=ids[:, None],
-            position_ids=positions[:, None],
+            position_ids=rotary[:, None],
             # A 4-D mask makes transformers skip building its own; the wrapper swaps in each layer's.
             attention_mask=masks.mask(None, self._arena.keys[0].dtype),
             use_cache=True,

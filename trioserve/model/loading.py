@@ -9,14 +9,30 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from trioserve.config import ConfigError, Settings
 from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
 from trioserve.model.runner import TransformersRunner
 from trioserve.model.tinymodel import DEMO_MODEL_ID, build_model, build_tokenizer
+from trioserve.text.processor import VisionTokenizer
 from trioserve.text.tokenization import ChatTokenizer
 
 logger = logging.getLogger(__name__)
@@ -133,8 +149,9 @@ def load_runner(
             "noise). Name a real one with --model or HF_MODEL=<hub id or local directory>.",
             DEMO_MODEL_ID,
         )
-        hf_tokenizer = build_tokenizer()
-        model = build_model(hf_tokenizer, dtype=dtype)
+        demo_tokenizer = build_tokenizer()
+        model = build_model(demo_tokenizer, dtype=dtype)
+        hf_tokenizer: PreTrainedTokenizerBase | ProcessorMixin = demo_tokenizer
         if attention is not None:
             model.set_attn_implementation(attention)
         torch.nn.Module.to(model, device=device)
@@ -142,7 +159,9 @@ def load_runner(
     else:
         hf_tokenizer, model = _load_pretrained(settings, device, dtype, attention)
         model_id = settings.model.rstrip("/").split("/")[-1] if Path(settings.model).is_dir() else settings.model
-    tokenizer = ChatTokenizer(hf_tokenizer)
+    tokenizer = (
+        VisionTokenizer(hf_tokenizer) if isinstance(hf_tokenizer, ProcessorMixin) else ChatTokenizer(hf_tokenizer)
+    )
     runner = runner_class(
         model,
         tokenizer,
@@ -160,6 +179,8 @@ def load_runner(
     else:
         logger.info("%s: decoding %s", runner.model_id, runner.mode)
     logger.info("%s: prefix caching %s", runner.model_id, runner.prefix_caching)
+    if tokenizer.takes_images:
+        logger.info("%s: vision-language: images in chat and Responses", runner.model_id)
     if (whole := needs_whole_prefill(model.config)) is not None:
         logger.info("%s prefills each prompt in one forward pass: %s", runner.model_id, whole)
     # Now, with the model, rather than in the first JSON-mode request's step, where it would stall the batch.
@@ -167,20 +188,65 @@ def load_runner(
     return runner
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether a config is a vision-language model's: it nests a vision config and transformers maps it to
+    an image-text-to-text class (Gemma 3's also maps to a causal LM: its images still need the processor)."""
+    model_type = str(config.model_type)
+    return (
+        getattr(config, "vision_config", None) is not None and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
+
+
+def _auto_class(config: PretrainedConfig, name: str) -> type[Any]:
+    """The auto class that loads this config.
+
+    Raises:
+        ConfigError: neither a causal LM nor an image-text-to-text model (an encoder, a classifier...).
+    """
+    if is_vision_language(config):
+        return AutoModelForImageTextToText
+    remote = getattr(config, "auto_map", None) or {}
+    model_type = str(config.model_type)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in remote:
+        return AutoModelForCausalLM
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in remote:
+        return AutoModelForImageTextToText
+    raise ConfigError(
+        f"{name} cannot be served: its config ({type(config).__name__}, model_type {model_type!r}) is neither a "
+        "causal language model nor an image-text-to-text model, the two kinds trioserve generates text with"
+    )
+
+
 def _load_pretrained(
     settings: Settings, device: torch.device, dtype: torch.dtype, attention: str | None
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Tokenizer and model from a hub id or local directory, after checking the family can be served."""
+) -> tuple[PreTrainedTokenizerBase | ProcessorMixin, PreTrainedModel]:
+    """Tokenizer (a processor, for a vision-language model) and model from a hub id or local directory, after
+    checking the family can be served."""
     name = settings.model
     assert name is not None
-    config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    except ValueError as exc:  # a model type this transformers does not know (or remote code not trusted)
+        raise ConfigError(f"{name} cannot be served: {exc}") from exc
     if (reason := unsupported_reason(config)) is not None:
         raise ConfigError(f"{settings.model} cannot be served: {reason}")
+    auto_class = _auto_class(config, name)
     quantization = _quantization_config(settings, device, dtype)
-    hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+    hf_tokenizer: PreTrainedTokenizerBase | ProcessorMixin
+    if auto_class is AutoModelForImageTextToText:
+        try:
+            hf_tokenizer = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                name, trust_remote_code=settings.trust_remote_code
+            )
+        except (ImportError, OSError, ValueError) as exc:
+            raise ConfigError(f"{name} is a vision-language model but its processor cannot be loaded: {exc}") from exc
+        if not isinstance(hf_tokenizer, ProcessorMixin):
+            raise ConfigError(f"{name} is a vision-language model but ships no image processor")
+    else:
+        hf_tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
 
     def load(attn_implementation: str | None) -> PreTrainedModel:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        model: PreTrainedModel = auto_class.from_pretrained(
             name,
             config=config,
             dtype=dtype,

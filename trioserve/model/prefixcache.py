@@ -23,7 +23,7 @@ A shorter hit would need keys the slot no longer holds, so it is not offered (ex
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy
@@ -77,6 +77,10 @@ class Hit:
     retained: bool  # the slot is free (no owner): the new sequence may take it in place
 
 
+def _whole(length: int) -> int:
+    return length
+
+
 def floor_of(valid_from: Sequence[int], windows: Sequence[int | None]) -> int:
     """The shortest hit whose sliding-window keys are all still held (see the module docstring)."""
     need = [start + window - 1 for start, window in zip(valid_from, windows, strict=True) if window and start > 0]
@@ -102,11 +106,12 @@ class PrefixCache:
     evictions: int = 0
     _ticks: itertools.count[int] = field(default_factory=itertools.count)
 
-    def lookup(self, scope: str, prompt: numpy.ndarray) -> Hit | None:
+    def lookup(self, scope: str, prompt: numpy.ndarray, usable: Callable[[int], int] = _whole) -> Hit | None:
         """The longest usable cached prefix of ``prompt`` within ``scope`` (at most ``len(prompt) - 1``), counted
-        in the statistics and marking its entry used."""
+        in the statistics and marking its entry used. ``usable``: how much of a common prefix of a given length
+        the prompt can start from (a prompt with images cannot start inside them)."""
         self.queried_tokens += len(prompt)
-        best = self._best(scope, prompt)
+        best = self._best(scope, prompt, usable)
         if best is None:
             return None
         hit, entry = best
@@ -114,18 +119,18 @@ class PrefixCache:
         self.hit_tokens += hit.length
         return hit
 
-    def peek(self, scope: str, prompt: numpy.ndarray) -> int:
+    def peek(self, scope: str, prompt: numpy.ndarray, usable: Callable[[int], int] = _whole) -> int:
         """The length `lookup` would find, changing nothing."""
-        best = self._best(scope, prompt)
+        best = self._best(scope, prompt, usable)
         return best[0].length if best is not None else 0
 
-    def _best(self, scope: str, prompt: numpy.ndarray) -> tuple[Hit, Entry] | None:
+    def _best(self, scope: str, prompt: numpy.ndarray, usable: Callable[[int], int]) -> tuple[Hit, Entry] | None:
         best: tuple[Hit, Entry] | None = None
         limit = len(prompt) - 1
         for entry in self.entries.values():
             if entry.scope != scope:
                 continue
-            length = min(entry.common_prefix(prompt), limit)
+            length = usable(min(entry.common_prefix(prompt), limit))
             if length <= 0 or length < entry.floor:
                 continue
             # Prefer the longer hit; between equal ones, a retained live-region slot (no copy).

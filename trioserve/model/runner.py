@@ -31,6 +31,7 @@ from trioserve.model.arena_setup import set_up_arena
 from trioserve.model.decode import DecodeStep
 from trioserve.model.prefixcache import Hit, PrefixCache
 from trioserve.model.sampling import SequenceSampler, sample_rows
+from trioserve.model.vision import cache_key, pass_features, rope_indexer, rope_positions, usable_hit
 from trioserve.text.grammars import output_grammar
 from trioserve.text.guided import GuideFactory
 from trioserve.text.tokenization import ChatTokenizer
@@ -71,6 +72,8 @@ class _Sequence:
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
     in_place: int = 0  # of those, the ones already in its own slot (a retained entry taken in place)
     valid_from: tuple[int, ...] = ()  # that entry's valid columns per layer (see `KVArena.store`)
+    rope: torch.Tensor | None = None  # the prompt's multi-axis rotary positions (a prompt with images)
+    rope_delta: int = 0  # a position's rotary offset from its token index, past the prompt (see `model.vision`)
 
 
 class TransformersRunner:
@@ -116,6 +119,7 @@ class TransformersRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sequences: dict[int, _Sequence] = {}
+        self._rope_indexer = rope_indexer(model)  # models with multi-axis rotary positions (Qwen2-VL...)
         self.guides = GuideFactory(tokenizer.hf, self._vocab_size, eos_token_ids)
         self.forward_passes = 0
         self.arena: KVArena | None = None
@@ -275,7 +279,10 @@ class TransformersRunner:
         entry nearly whole: taking a slot overwrites the rest of its entry (another conversation's history)."""
         if self.prefix_cache is None:
             return None
-        hit = self.prefix_cache.lookup(request.cache_scope, numpy.asarray(request.prompt_ids, dtype=numpy.int64))
+        images = request.images
+        hit = self.prefix_cache.lookup(
+            request.cache_scope, cache_key(request.prompt_ids, images), lambda n: usable_hit(n, images)
+        )
         if hit is not None and hit.retained:
             left = self.prefix_cache.entries[hit.slot].length - hit.length
             if left > max(IN_PLACE_TAIL, hit.length // 8):
@@ -294,7 +301,11 @@ class TransformersRunner:
             if hit is not None:
                 assert self.arena is not None
                 self.arena.seed(cache, hit.slot, hit.length)  # before a slot is taken: that may move entries
-            self._new_sequence(chunk, cache, hit)
+            sequence = self._new_sequence(chunk, cache, hit)
+            if self._rope_indexer is not None and (
+                rope := rope_positions(self._rope_indexer, chunk.request.prompt_ids, chunk.request.images)
+            ):
+                sequence.rope, sequence.rope_delta = rope[0].to(self._device), rope[1]
         sequence = self._sequences[chunk.seq_id]
         assert sequence.cache is not None, "a decoding sequence cannot be prefilled again"
         prompt = chunk.request.prompt_ids
@@ -302,8 +313,11 @@ class TransformersRunner:
         end = min(start + chunk.end - chunk.start, len(prompt))
         input_ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=self._device)
         positions = torch.arange(start, end, device=self._device).unsqueeze(0)
+        if sequence.rope is not None:
+            positions = sequence.rope[..., start:end]
+        images = pass_features(chunk.request.images, start, end, len(prompt), self._device, self.model.dtype)
         # One unpadded row: no attention mask (recurrent mixers misread one given at decode).
-        logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
+        logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions, **images)
         sequence.length = end
         if end < len(prompt):
             return None
@@ -320,7 +334,7 @@ class TransformersRunner:
         valid = self.arena.store(sequence.slot, cache, row, sequence.length, sequence.in_place, sequence.valid_from)
         if self.prefix_cache is not None:
             request = sequence.request
-            prompt = numpy.asarray(request.prompt_ids, dtype=numpy.int64)
+            prompt = cache_key(request.prompt_ids, request.images)
             self.prefix_cache.stored(sequence.slot, request.cache_scope, prompt, sequence.fed, valid, sequence.seq_id)
 
     def _prefill_together(self, chunks: tuple[PrefillChunk, ...]) -> dict[int, SampledToken]:
@@ -338,6 +352,9 @@ class TransformersRunner:
         rows: dict[tuple[str, tuple[int, ...]], int] = {}
         for chunk in chunks:
             request = chunk.request
+            if request.images is not None:  # its own pass: a padded row would shift its positions and masks
+                later.append(chunk)
+                continue
             if self.prefix_cache is not None and len(later) < SOLO_PASSES and self._worth_its_own_pass(request):
                 later.append(chunk)
                 continue
@@ -394,14 +411,16 @@ class TransformersRunner:
             (sequence,) = sequences
             assert sequence.cache is not None
             input_ids = torch.tensor([[sequence.last_token]], device=self._device)
-            positions = torch.tensor([[sequence.length]], device=self._device)
+            positions = torch.tensor([[sequence.length + sequence.rope_delta]], device=self._device)
             logits = self._forward(sequence.cache, input_ids=input_ids, position_ids=positions)
         else:
             self.forward_passes += 1
             slots = [s.slot for s in sequences]
             assert None not in slots, "a sequence decodes only once its prompt is in its slot"
             tokens = [s.last_token for s in sequences]
-            logits = self._decode_step.run(slots, tokens, [s.length for s in sequences])  # type: ignore[arg-type]
+            lengths = [s.length for s in sequences]
+            offsets = [s.rope_delta for s in sequences] if any(s.rope_delta for s in sequences) else None
+            logits = self._decode_step.run(slots, tokens, lengths, offsets)  # type: ignore[arg-type]
         sampled = self._sample(logits, [s.sampler for s in sequences])
         for sequence, token in zip(sequences, sampled, strict=True):
             sequence.length += 1

@@ -6,9 +6,8 @@ scope after Hypercorn's graceful shutdown). Per-request plumbing lives in `trios
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -17,21 +16,21 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
+from trioserve.api.anthropic.protocol import CountTokensRequest
 from trioserve.api.anthropic.service import MessagesService
 from trioserve.api.chat import ChatService
 from trioserve.api.completions import CompletionService
+from trioserve.api.images import ImagePolicy
 from trioserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from trioserve.api.responses.protocol import ResponsesRequest, dump_event
 from trioserve.api.responses.service import ResponseNotFound, ResponsesService
 from trioserve.api.responses.store import ResponseStore
 from trioserve.api.tokens import DetokenizeRequest, TokenService, tokenize_request
 from trioserve.config import Settings
 from trioserve.engine.engine import Engine
 from trioserve.errors import InvalidRequest, PayloadTooLarge, TrioserveError, Unavailable
+from trioserve.server.generation import add_generation_routes
 from trioserve.server.httpio import (
     CORS_ALLOW_HEADERS,
-    SSE_HEADERS,
     RequestState,
     TrioserveConnection,
     check_api_key,
@@ -40,14 +39,13 @@ from trioserve.server.httpio import (
     error_response,
     has_api_key,
     json_response,
+    parse_body,
     read_json,
-    tenant,
     validation_error,
 )
 from trioserve.server.metrics import CONTENT_TYPE, Metrics
 from trioserve.server.openapi import openapi_document
 from trioserve.server.sendguard import SendLimits
-from trioserve.server.sse import ChunkEncoder, sse_event
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +105,6 @@ class TrioserveApp(QuartTrio):
                 logger.warning("cancelling %s: graceful timeout", state.request_id)
 
 
-def _request_timeout(settings: Settings, body: ChatCompletionRequest | CompletionRequest) -> float:
-    """The request's time limit: its own (header or body) if given, never more than the server's."""
-    header = request.headers.get("X-Request-Timeout")
-    requested = body.request_timeout
-    if header is not None:
-        try:
-            requested = float(header)
-        except ValueError:
-            raise InvalidRequest("X-Request-Timeout must be a number of seconds", param="X-Request-Timeout") from None
-        if not requested > 0:
-            raise InvalidRequest("X-Request-Timeout must be positive", param="X-Request-Timeout")
-    return min(requested, settings.request_timeout) if requested is not None else settings.request_timeout
-
-
 def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Metrics | None = None) -> TrioserveApp:
     """Builds the app around an engine (whose ``on_record`` should feed ``metrics``, see `cli.build_engine`)."""
     settings = settings or Settings()
@@ -147,6 +131,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
         strict_model_name=settings.strict_model_name,
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
+        images=ImagePolicy.from_settings(settings),
     )
     legacy = CompletionService(engine, strict_model_name=settings.strict_model_name)
     responses = ResponsesService(chat, ResponseStore(settings.responses_store_size))
@@ -249,141 +234,12 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
     async def models() -> Response:
         return json_response(await chat.models())
 
-    async def generate(service: ChatService | CompletionService, model: type[RequestBody]) -> Response:
-        """The shared path of both generation routes: parse, prepare, admit, then answer or stream."""
-        state = current_state()
-        if app.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        app.generating.add(state)  # until _request_ended: the drain deadline closes what is left
-        raw = await read_json(settings.max_body_bytes)
-        try:
-            body = model.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc, raw) from None
-        time_limit = _request_timeout(settings, body)
-        prepared = await service.prepare(
-            body,  # type: ignore[arg-type]
-            request_id=state.client_request_id,
-            time_limit=time_limit,
-            tenant=tenant(),
-        )
-        state.request_id = prepared.completion_id  # logs and X-Request-Id then match the completion's id
-        state.timing = prepared.timing
-        # 429 here, before any response starts; streams admitted before a refusal are closed with the request.
-        streams = [state.own(engine.submit(generation)) for generation in prepared.generations]
-        if not body.stream:
-            try:
-                return json_response(await service.complete(prepared, streams))
-            except TrioserveError:
-                state.abort_reason = prepared.timing.aborted
-                raise
-
-        async def events() -> AsyncIterator[bytes]:
-            # aclosing: when Quart closes this generator (disconnect), the inner one is closed right then.
-            encoder = ChunkEncoder()
-            async with aclosing(service.stream(prepared, streams)) as items:
-                async for item in items:
-                    if isinstance(item, TrioserveError):
-                        state.abort_reason = prepared.timing.aborted or "error"
-                        yield sse_event(item.to_dict())
-                        return
-                    yield encoder.encode(item)
-            yield b"data: [DONE]\n\n"
-
-        response = Response(events(), headers=SSE_HEADERS)
-        response.timeout = None
-        return response
-
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")
-    async def chat_completions() -> Response:
-        return await generate(chat, ChatCompletionRequest)
-
-    @app.post("/v1/completions")
-    @app.post("/completions")
-    async def completions() -> Response:
-        return await generate(legacy, CompletionRequest)
-
-    @app.post("/v1/responses")
-    @app.post("/responses")
-    async def create_response() -> Response:
-        """The Responses API on the chat path (`api.responses.service`): same admission, deadlines, cancellation."""
-        state = current_state()
-        if app.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        raw = await read_json(settings.max_body_bytes)
-        try:
-            body = ResponsesRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc, raw) from None
-        turn = responses.translate(body)
-        prepared = await responses.prepare(turn, time_limit=_request_timeout(settings, turn.chat), tenant=tenant())
-        state.request_id = state.client_request_id or prepared.response_id
-        state.timing = prepared.chat.timing
-        streams = [state.own(engine.submit(generation)) for generation in prepared.chat.generations]
-        if not body.stream:
-            try:
-                return json_response(await responses.complete(prepared, streams))
-            except TrioserveError:
-                state.abort_reason = prepared.chat.timing.aborted
-                raise
-
-        async def events() -> AsyncIterator[bytes]:
-            async with aclosing(responses.stream(prepared, streams)) as items:
-                async for event in items:
-                    if event.type == "error":
-                        state.abort_reason = prepared.chat.timing.aborted or "error"
-                    yield f"event: {event.type}\n".encode() + sse_event(dump_event(event))
-
-        response = Response(events(), headers=SSE_HEADERS)
-        response.timeout = None
-        return response
-
-    @app.post("/v1/messages")
-    async def create_message() -> Response:
-        """Anthropic's Messages API on the chat path (`api.anthropic.service`); errors in its shape."""
-        state = current_state()
-        if app.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        app.generating.add(state)
-        raw = await read_json(settings.max_body_bytes)
-        try:
-            body = MessagesRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc, raw) from None
-        chat_body = messages.translate(body)
-        prepared = await messages.prepare(
-            body, chat_body, time_limit=_request_timeout(settings, chat_body), tenant=tenant()
-        )
-        state.request_id = state.client_request_id or prepared.message_id
-        state.timing = prepared.chat.timing
-        streams = [state.own(engine.submit(generation)) for generation in prepared.chat.generations]
-        if not body.stream:
-            try:
-                return json_response(await messages.complete(prepared, streams))
-            except TrioserveError:
-                state.abort_reason = prepared.chat.timing.aborted
-                raise
-
-        async def events() -> AsyncIterator[bytes]:
-            async with aclosing(messages.stream(prepared, streams)) as items:
-                async for event in items:
-                    if event["type"] == "error":
-                        state.abort_reason = prepared.chat.timing.aborted or "error"
-                    yield f"event: {event['type']}\n".encode() + sse_event(event)
-
-        response = Response(events(), headers=SSE_HEADERS)
-        response.timeout = None
-        return response
+    parse = functools.partial(parse_body, max_bytes=settings.max_body_bytes)
+    add_generation_routes(app, chat, legacy, responses, messages)
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens() -> Response:
-        raw = await read_json(settings.max_body_bytes)
-        try:
-            body = CountTokensRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc, raw) from None
-        return json_response(await messages.count_tokens(body))
+        return json_response(await messages.count_tokens(await parse(CountTokensRequest)))
 
     @app.get("/v1/responses/<response_id>")
     @app.get("/responses/<response_id>")
@@ -411,12 +267,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, metrics: Met
 
     @app.post("/detokenize")
     async def detokenize() -> Response:
-        raw = await read_json(settings.max_body_bytes)
-        try:
-            body = DetokenizeRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc, raw) from None
-        return json_response(await tokens.detokenize(body))
+        return json_response(await tokens.detokenize(await parse(DetokenizeRequest)))
 
     return app
 

@@ -17,7 +17,7 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent
@@ -47,6 +47,8 @@ SSE_HEADERS = {
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Request-Timeout, x-api-key, anthropic-version, anthropic-beta"
 )
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(eq=False)
@@ -222,6 +224,15 @@ async def read_json(max_body_bytes: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+async def parse_body(model: type[Body], max_bytes: int) -> Body:
+    """The request body, read as JSON (`read_json`) and validated into ``model``; a 400 naming the field if not."""
+    raw = await read_json(max_bytes)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc, raw) from None
 
 
 def validation_error(exc: ValidationError, raw: Any) -> InvalidRequest:

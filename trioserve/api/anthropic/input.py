@@ -36,15 +36,9 @@ def chat_request(body: CountTokensRequest) -> ChatCompletionRequest:
     """The chat completions request that answers ``body`` (a `MessagesRequest`, or a count_tokens one).
 
     Raises:
-        InvalidRequest: a block this server cannot take (images: the models served take text), or anything
-            the chat path refuses.
+        InvalidRequest: a block this server cannot take, or anything the chat path refuses.
     """
-    messages: list[dict[str, Any]] = []
-    if body.system is not None:
-        system = body.system if isinstance(body.system, str) else "".join(block.text for block in body.system)
-        messages.append({"role": "system", "content": system})
-    for index, message in enumerate(body.messages):
-        messages.extend(_chat_messages(message, f"messages.{index}"))
+    messages, _ = _conversation(body)
     fields: dict[str, Any] = {"messages": messages, "model": body.model}
     if body.tools:
         fields["tools"] = [
@@ -106,31 +100,63 @@ _RENAMES = (
 )
 
 
-def renamed(error: InvalidRequest) -> InvalidRequest:
-    """``error`` with the chat parameter it names (in ``param`` and its message) named as here."""
+def image_places(body: CountTokensRequest) -> dict[str, str]:
+    """Where each image block of ``body`` is on the chat path (``messages[3].content[1]``), to its place here
+    (``messages.2.content.1``): messages are renumbered on the way (system, tool results)."""
+    return _conversation(body)[1]
+
+
+def _conversation(body: CountTokensRequest) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The chat messages, and `image_places`."""
+    messages: list[dict[str, Any]] = []
+    places: dict[str, str] = {}
+    if body.system is not None:
+        system = body.system if isinstance(body.system, str) else "".join(block.text for block in body.system)
+        messages.append({"role": "system", "content": system})
+    for index, message in enumerate(body.messages):
+        where = f"messages.{index}"
+        translated, blocks = _chat_messages(message, where)
+        messages.extend(translated)
+        for part, block in blocks.items():
+            places[f"messages[{len(messages) - 1}].content[{part}]"] = f"{where}.content.{block}"
+    return messages, places
+
+
+def renamed(error: InvalidRequest, places: dict[str, str] | None = None) -> InvalidRequest:
+    """``error`` with the chat parameter it names (in ``param`` and its message) named as here; ``places``
+    (`image_places`) names image blocks."""
     if error.param is None:
         return error
     param = error.param
-    for pattern, replacement in _RENAMES:
-        param = re.sub(pattern, replacement, param)
+    if places and param in places:
+        param = places[param]
+    else:
+        for pattern, replacement in _RENAMES:
+            param = re.sub(pattern, replacement, param)
     if param != error.param:
         error.message = error.message.replace(error.param, param, 1)
         error.param = param
     return error
 
 
-def _chat_messages(message: MessageParam, where: str) -> list[dict[str, Any]]:
+def _chat_messages(message: MessageParam, where: str) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The chat messages of one Messages turn, and for a user turn with images, which block each of its
+    content parts came from (its last message's content is then text and image parts, in block order)."""
     if isinstance(message.content, str):
-        return [{"role": message.role, "content": message.content}]
+        return [{"role": message.role, "content": message.content}], {}
     results: list[dict[str, Any]] = []
-    text: list[str] = []
+    parts: list[dict[str, Any]] = []
+    blocks: dict[int, int] = {}
     thinking: list[str] = []
     calls: list[dict[str, Any]] = []
     for index, block in enumerate(message.content):
         if isinstance(block, TextBlock):
-            text.append(block.text)
+            parts.append({"type": "text", "text": block.text})
         elif isinstance(block, ImageBlock):
-            raise InvalidRequest(f"{where}.content.{index}: image input is not supported by the served model")
+            if message.role != "user":
+                raise InvalidRequest(f"{where}.content.{index}: image blocks belong to user messages")
+            blocks[len(parts)] = index
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{where}.content.{index}")}})
         elif isinstance(block, ToolUseBlock):
             if message.role != "assistant":
                 raise InvalidRequest(f"{where}.content.{index}: tool_use blocks belong to assistant messages")
@@ -143,14 +169,30 @@ def _chat_messages(message: MessageParam, where: str) -> list[dict[str, Any]]:
         elif isinstance(block, ThinkingBlock):
             thinking.append(block.thinking)
         # redacted_thinking: nothing a local template can use
-    chat: dict[str, Any] = {"role": message.role, "content": "".join(text)}
+    content: str | list[dict[str, Any]] = parts if blocks else "".join(part["text"] for part in parts)
+    chat: dict[str, Any] = {"role": message.role, "content": content}
     if calls:
         chat["tool_calls"] = calls
     if thinking:
         chat["reasoning_content"] = "".join(thinking)
-    if message.role == "user" and results and not text:
-        return results  # a turn of tool results only
-    return [*results, chat]
+    if message.role == "user" and results and not parts:
+        return results, {}  # a turn of tool results only
+    return [*results, chat], blocks
+
+
+def _image_url(block: ImageBlock, where: str) -> str:
+    """An image block's source as a URL the chat path takes: ``base64`` as a ``data:`` URL, ``url`` as is."""
+    source = block.source
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise InvalidRequest(
+        f"{where}.source: image sources of type {kind!r} are not supported by this server (base64 with media_type "
+        "and data, or url, are)",
+        param=f"{where}.source",
+    )
 
 
 def _result_text(block: ToolResultBlock, where: str) -> str:
@@ -159,6 +201,6 @@ def _result_text(block: ToolResultBlock, where: str) -> str:
         text = content or ""
     else:
         if any(isinstance(part, ImageBlock) for part in content):
-            raise InvalidRequest(f"{where}: image input in a tool_result is not supported by the served model")
+            raise InvalidRequest(f"{where}: images in a tool_result are not supported by this server")
         text = "".join(part.text for part in content if isinstance(part, TextBlock))
     return f"Error: {text}" if block.is_error else text

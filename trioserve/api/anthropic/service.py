@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from trioserve.api.anthropic.input import chat_request, renamed
+from trioserve.api.anthropic.input import chat_request, image_places, renamed
 from trioserve.api.anthropic.protocol import CountTokensRequest, MessagesRequest, error_body, message_id
 from trioserve.api.anthropic.stream import Event, EventWriter
 from trioserve.api.chat import ChatService
@@ -55,7 +55,7 @@ class MessagesService:
         try:
             prepared = await self.chat.prepare(request, request_id=message_id(), time_limit=time_limit, tenant=tenant)
         except InvalidRequest as error:
-            raise renamed(error) from None
+            raise renamed(error, image_places(body)) from None
         return PreparedMessage(body, prepared)
 
     async def count_tokens(self, body: CountTokensRequest) -> dict[str, Any]:
@@ -63,7 +63,7 @@ class MessagesService:
         try:
             prepared = await self.chat.prepare(chat_request(body), time_limit=60.0)
         except InvalidRequest as error:
-            raise renamed(error) from None
+            raise renamed(error, image_places(body)) from None
         return {"input_tokens": len(prepared.generation.prompt_ids)}
 
     async def complete(self, prepared: PreparedMessage, streams: Sequence[TokenStream]) -> dict[str, Any]:

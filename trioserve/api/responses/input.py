@@ -47,20 +47,23 @@ _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICES = frozenset({"none", "auto", "required"})
 
 
-def input_messages(body: ResponsesRequest) -> list[ChatMessageDict]:
-    """This turn's ``input`` as chat messages.
+def input_messages(body: ResponsesRequest) -> tuple[list[ChatMessageDict], list[str]]:
+    """This turn's ``input`` as chat messages, and for each the item it came from (``input[2]``), so errors
+    about a message's parts (an image refused) name the Responses path.
 
     Raises:
         InvalidRequest: an item or a content part this server cannot take; ``param`` is its path.
     """
     if body.input is None:
-        return []
+        return [], []
     if isinstance(body.input, str):
-        return [{"role": "user", "content": body.input}]
+        return [{"role": "user", "content": body.input}], ["input"]
     messages: list[ChatMessageDict] = []
+    sources: list[str] = []
     for index, item in enumerate(body.input):
-        _append(messages, _message_of(item, f"input[{index}]"))
-    return messages
+        if _append(messages, _message_of(item, f"input[{index}]")):
+            sources.append(f"input[{index}]")
+    return messages, sources
 
 
 def output_messages(output: Sequence[OutputItem]) -> list[ChatMessageDict]:
@@ -145,17 +148,18 @@ def responses_param(param: str) -> str:
     return {"max_completion_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort"}.get(param, param)
 
 
-def _append(messages: list[ChatMessageDict], message: ChatMessageDict | None) -> None:
+def _append(messages: list[ChatMessageDict], message: ChatMessageDict | None) -> bool:
     """Adds a message; a call joins the assistant turn right before it (one turn, several calls), copied
-    so a stored conversation is never changed."""
+    so a stored conversation is never changed. Whether a new message was added."""
     if message is None:
-        return
+        return False
     previous = messages[-1] if messages else None
     if message.get("tool_calls") and previous is not None and previous["role"] == "assistant":
         calls = list(previous.get("tool_calls") or []) + message["tool_calls"]
         messages[-1] = previous | {"tool_calls": calls}
-        return
+        return False
     messages.append(message)
+    return True
 
 
 def _assistant_call(call_id: str, name: str, arguments: str) -> ChatMessageDict:
@@ -173,7 +177,7 @@ def _message_of(item: Any, where: str) -> ChatMessageDict | None:
             raise InvalidRequest(
                 f"{where}.role must be one of user, system, developer, assistant", param=f"{where}.role"
             )
-        return {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
+        return {"role": role, "content": _content_of(item.get("content"), f"{where}.content", role)}
     if kind == "function_call":
         for key in ("call_id", "name", "arguments"):
             if not isinstance(item.get(key), str):
@@ -199,25 +203,71 @@ def _message_of(item: Any, where: str) -> ChatMessageDict | None:
     )
 
 
+def _content_of(content: Any, where: str, role: str) -> str | list[dict[str, Any]]:
+    """A message's content: its text (`_text_of`), or, when it has ``input_image`` parts, chat content
+    parts one for one (so ``messages[i].content[j]`` in an error is ``input[k].content[j]`` here)."""
+    if not isinstance(content, list) or not any(
+        isinstance(part, dict) and part.get("type") == "input_image" for part in content
+    ):
+        return _text_of(content, where)
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        at = f"{where}[{index}]"
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if role != "user":
+                raise InvalidRequest(f"{at}: images are only taken in user messages (this one is {role!r})", param=at)
+            parts.append(_image_part(part, at))
+        else:
+            parts.append({"type": "text", "text": _part_text(part, at)})
+    return parts
+
+
+def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An ``input_image`` part as chat's ``image_url`` part."""
+    url = part.get("image_url")
+    if url is None and part.get("file_id") is not None:
+        raise InvalidRequest(
+            f"{where}.file_id: file ids are not supported by this server (it keeps no files); send image_url, "
+            "an http(s) URL or a data: URL",
+            param=f"{where}.file_id",
+        )
+    if not isinstance(url, str):
+        raise InvalidRequest(f"{where}.image_url must be a string (a URL or a data: URL)", param=f"{where}.image_url")
+    detail = part.get("detail")
+    if detail is not None and detail not in ("auto", "low", "high"):
+        raise InvalidRequest(f"{where}.detail must be one of auto, low, high", param=f"{where}.detail")
+    return {"type": "image_url", "image_url": {"url": url} | ({"detail": detail} if detail is not None else {})}
+
+
+def image_param(param: str, sources: Sequence[str]) -> str | None:
+    """A chat path ``messages[i].content[j]...`` as the Responses path it came from (``input[k].content[j]``),
+    where ``sources`` says where each chat message came from; None if ``param`` is not such a path."""
+    match = re.match(r"messages\[(\d+)\]\.content(\[\d+\].*)$", param)
+    if match is None or int(match[1]) >= len(sources):
+        return None
+    source = sources[int(match[1])]
+    return f"{source}.content{match[2]}" if source.startswith("input[") else source
+
+
 def _text_of(content: Any, where: str) -> str:
     """Text content: a string, or text parts joined with no separator."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise InvalidRequest(f"{where} must be a string or a list of content parts", param=where)
-    texts = []
-    for index, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        elif kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        else:
-            raise InvalidRequest(
-                f"{where}[{index}]: content part type {kind!r} is not supported by this server (text only)",
-                param=f"{where}[{index}].type",
-            )
-    return "".join(texts)
+    return "".join(_part_text(part, f"{where}[{index}]") for index, part in enumerate(content))
+
+
+def _part_text(part: Any, where: str) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return str(part["refusal"])
+    if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+        return str(part["text"])
+    raise InvalidRequest(
+        f"{where}: content part type {kind!r} is not supported by this server (text and input_image are)",
+        param=f"{where}.type",
+    )
 
 
 def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:

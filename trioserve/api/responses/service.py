@@ -17,7 +17,14 @@ from typing import Any
 from trioserve.api.chat import ChatService
 from trioserve.api.protocol import ChatCompletionRequest
 from trioserve.api.replies import AssistantMessage, Usage, now
-from trioserve.api.responses.input import ChatMessageDict, chat_request, input_messages, output_messages, renamed
+from trioserve.api.responses.input import (
+    ChatMessageDict,
+    chat_request,
+    image_param,
+    input_messages,
+    output_messages,
+    renamed,
+)
 from trioserve.api.responses.protocol import (
     FunctionCall,
     IncompleteDetails,
@@ -58,6 +65,9 @@ class Turn:
     body: ResponsesRequest
     chat: ChatCompletionRequest
     conversation: tuple[ChatMessageDict, ...]  # history and this turn's input, without the instructions
+    # Where each of the chat request's messages came from (``input[2]``, ``instructions``,
+    # ``previous_response_id``), to name a refused image part as the Responses API does.
+    sources: tuple[str, ...] = ()
 
 
 @dataclass
@@ -100,8 +110,9 @@ class ResponsesService:
                     code="previous_response_not_found",
                 )
             history = stored.conversation
-        messages = input_messages(body)
-        return Turn(body, chat_request(body, history, messages), (*history, *messages))
+        messages, sources = input_messages(body)
+        origins = (["instructions"] if body.instructions else []) + ["previous_response_id"] * len(history) + sources
+        return Turn(body, chat_request(body, history, messages), (*history, *messages), tuple(origins))
 
     async def prepare(self, turn: Turn, *, time_limit: float, tenant: str = "") -> PreparedResponse:
         """Prepares the chat request (template, context and grammar checks), as `ChatService.prepare`.
@@ -114,7 +125,12 @@ class ResponsesService:
                 turn.chat, request_id=response_id(), time_limit=time_limit, tenant=tenant
             )
         except InvalidRequest as error:
-            raise renamed(error) from None
+            where = image_param(error.param, turn.sources) if error.param is not None else None
+            if where is None:
+                raise renamed(error) from None
+            error.message = error.message.replace(f"{error.param}:", f"{where}:", 1)
+            error.param = where
+            raise
         return PreparedResponse(turn, prepared)
 
     def get(self, response_id: str) -> Response | None:
