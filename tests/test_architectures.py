@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from trioserve.engine.scheduler import Scheduler
+from tests.test_runner import Arrival, drive
 from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
 from trioserve.model.runner import TransformersRunner
 from trioserve.model.tinymodel import build_tokenizer
@@ -312,13 +311,6 @@ def make_runner(family: Family) -> TransformersRunner:
     )
 
 
-@dataclass(frozen=True)
-class Arrival:
-    step: int
-    request: GenerationRequest
-    leave_after: int | None = None  # tokens after which it leaves (a cancellation)
-
-
 def greedy(name: str, prompt: range | list[int], max_tokens: int) -> GenerationRequest:
     return GenerationRequest(name, tuple(prompt), SamplingParams(temperature=0.0, max_tokens=max_tokens))
 
@@ -330,38 +322,6 @@ ARRIVALS = [
     Arrival(4, greedy("tiny", [90, 91, 92], 6)),
     Arrival(4, greedy("pair", [100, 101], 5)),  # prefilled with "tiny" where the model batches
 ]
-
-
-def drive(runner: TransformersRunner, arrivals: list[Arrival], *, prefill_whole: bool) -> dict[str, list[int]]:
-    """Runs the real scheduler and runner step by step, as the engine does, with no event loop."""
-    scheduler = Scheduler(
-        max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=CHUNK, prefill_whole=prefill_whole
-    )
-    outputs: dict[str, list[int]] = defaultdict(list)
-    by_seq: dict[int, Arrival] = {}
-    pending = sorted(arrivals, key=lambda a: a.step)
-    step = 0
-    while pending or scheduler.running or scheduler.waiting:
-        while pending and pending[0].step <= step:
-            arrival = pending.pop(0)
-            by_seq[len(by_seq)] = arrival
-            scheduler.submit(len(by_seq) - 1, arrival.request)
-        plan = scheduler.plan()
-        step += 1
-        if not plan:
-            continue
-        output = runner.step(plan)
-        for chunk in plan.prefill:
-            scheduler.prefilled(chunk)
-        for seq_id, token in output.tokens.items():
-            arrival = by_seq[seq_id]
-            tokens = outputs[arrival.request.request_id]
-            tokens.append(token.token_id)
-            if len(tokens) >= min(arrival.request.params.max_tokens, arrival.leave_after or 1 << 30):
-                scheduler.remove(seq_id)
-                runner.release(seq_id)
-    assert runner.live_sequences() == 0
-    return dict(outputs)
 
 
 @torch.inference_mode()

@@ -23,13 +23,21 @@ class Arrival:
     leave_after: int | None = None  # tokens after which the request leaves (cancel, stop string)
 
 
-def drive(runner: TransformersRunner, arrivals: list[Arrival], *, chunk: int = 8) -> dict[str, list[int]]:
+def drive(
+    runner: TransformersRunner, arrivals: list[Arrival], *, chunk: int = 8, prefill_whole: bool = False
+) -> dict[str, list[int]]:
     """Runs the real scheduler and runner step by step, as the engine would, with no event loop.
 
     Also records the largest prefill group seen, in ``drive.widest_prefill``.
     """
     drive.widest_prefill = 0  # type: ignore[attr-defined]
-    scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=chunk)
+    scheduler = Scheduler(
+        max_running=8,
+        max_waiting=8,
+        batch_size=runner.max_batch_size,
+        prefill_chunk=chunk,
+        prefill_whole=prefill_whole,
+    )
     outputs: dict[str, list[int]] = defaultdict(list)
     by_seq = {}
     step = 0

@@ -9,9 +9,7 @@ the runner's chunking, arena, rotary offsets or prefix cache.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,6 +18,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from tests.test_architectures import readme_support
+from tests.test_runner import Arrival, drive
 from trioserve.engine.scheduler import Scheduler
 from trioserve.errors import InvalidRequest
 from trioserve.model.architectures import needs_whole_prefill, one_per_pass_reason, unsupported_reason
@@ -70,42 +69,6 @@ def request(
 ) -> GenerationRequest:
     ids, inputs = chat(tokenizer, text, images)
     return GenerationRequest(name, tuple(ids), SamplingParams(temperature=0.0, max_tokens=tokens), images=inputs)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    step: int
-    request: GenerationRequest
-
-
-def drive(runner: TransformersRunner, arrivals: list[Arrival], chunk: int = CHUNK) -> dict[str, list[int]]:
-    """The real scheduler and runner, step by step, as the engine drives them."""
-    scheduler = Scheduler(max_running=8, max_waiting=8, batch_size=runner.max_batch_size, prefill_chunk=chunk)
-    outputs: dict[str, list[int]] = defaultdict(list)
-    by_seq: dict[int, Arrival] = {}
-    pending = sorted(arrivals, key=lambda a: a.step)
-    step = 0
-    while pending or scheduler.running or scheduler.waiting:
-        while pending and pending[0].step <= step:
-            arrival = pending.pop(0)
-            by_seq[len(by_seq)] = arrival
-            scheduler.submit(len(by_seq) - 1, arrival.request)
-        plan = scheduler.plan()
-        step += 1
-        if not plan:
-            continue
-        output = runner.step(plan)
-        for chunk in plan.prefill:
-            scheduler.prefilled(chunk, output.prefilled.get(chunk.seq_id))
-        for seq_id, token in output.tokens.items():
-            arrival = by_seq[seq_id]
-            tokens = outputs[arrival.request.request_id]
-            tokens.append(token.token_id)
-            if len(tokens) >= arrival.request.params.max_tokens:
-                scheduler.remove(seq_id)
-                runner.release(seq_id)
-    assert runner.live_sequences() == 0
-    return dict(outputs)
 
 
 @torch.inference_mode()
