@@ -189,7 +189,9 @@ async def test_sdk_over_http2_abandoned_streams_stop_at_the_bound_and_are_releas
     for request_id, record in records.items():
         assert record.outcome == "closed"
         assert record.forward_passes >= held_passes[request_id]
-        assert record.generated < 1000  # of 1900: held, then cut
+        # Held, then cut: never all 1900. How many came first depends on how fast the client's reader drained
+        # the socket meanwhile (httpcore reads abandoned streams too): ~1000 on a quiet machine, more on a busy one.
+        assert record.generated < 1900
     assert aborted(served, "stalled") == len(ABANDONED)
     assert aborted(served, "disconnect") == 0
     assert finishes == ["length"] * 3  # the connection's other and later requests: answered normally
