@@ -165,6 +165,11 @@ def spawn_followers(size: int, argv: Sequence[str]) -> Followers:
         port = probe.getsockname()[1]
     common = {"WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1"}
     common["MASTER_PORT"] = str(port)
+    # The ranks' traffic is pickled Python objects: ranks on one machine talk over loopback only (gloo and
+    # NCCL's sockets otherwise bind the address the host name resolves to, which other machines may reach).
+    if os.path.exists("/sys/class/net/lo"):
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            common[variable] = os.environ.get(variable, "lo")
     os.environ.update(common, RANK="0", LOCAL_RANK="0")
     processes = []
     for rank in range(1, size):
