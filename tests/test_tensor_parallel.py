@@ -7,6 +7,7 @@ every path; a test that ends a server also checks that no rank survives it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,6 +57,25 @@ def follower_pids(server: ServerProcess) -> list[int]:
     found = re.search(r"spawned ranks 1\.\.\d+ \(pids \[([\d, ]+)\]\)", server.output())
     assert found is not None, server.output()
     return [int(pid) for pid in found.group(1).split(",")]
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets ``pid`` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].split(":")[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 
 
 def alive(pid: int) -> bool:
@@ -121,6 +141,9 @@ async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_stre
     expected = await reference(model_dir)
     got = await complete_all(tp_server.url)
     assert got == expected  # float64: summation order across the shards cannot hide a wrong token
+    # The ranks' traffic is pickles: no rank listens beyond loopback (HTTP here binds 127.0.0.1 too).
+    for pid in [tp_server.process.pid, *follower_pids(tp_server)]:
+        assert listening_addresses(pid) <= LOOPBACK, (pid, listening_addresses(pid))
 
     # 200 streams cut after their first chunk: every rank releases them all.
     async with httpx.AsyncClient(base_url=tp_server.url, timeout=120) as client:

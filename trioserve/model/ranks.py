@@ -24,9 +24,10 @@ import datetime
 import logging
 import math
 import os
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 # Set in the environment of the followers rank 0 spawns: their stdin is the pipe that ties them to rank 0.
 SPAWNED_ENV = "TRIOSERVE_SPAWNED_RANK"
+STORE_ENV = "TRIOSERVE_RANKS_STORE"  # the rendezvous file of ranks rank 0 spawned (torchrun's ranks use env://)
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,9 @@ def check_setup(settings: Settings, device: torch.device) -> None:
 class Followers:
     """The follower processes rank 0 spawned; `stop` ends and reaps them (idempotent)."""
 
-    def __init__(self, processes: list[subprocess.Popen[bytes]]) -> None:
+    def __init__(self, processes: list[subprocess.Popen[bytes]], folder: str) -> None:
         self.processes = processes
+        self.folder = folder  # the rendezvous file's
 
     @property
     def pids(self) -> list[int]:
@@ -155,16 +158,16 @@ class Followers:
                 logger.warning("follower pid %d did not exit; killing it", process.pid)
                 process.kill()
                 process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def spawn_followers(size: int, argv: Sequence[str]) -> Followers:
     """Starts ranks 1..size-1 on this machine running ``python -m trioserve *argv``, and sets this process's
     rank variables (rank 0) for `join`."""
-    with socket.socket() as probe:  # a free port for the rendezvous (rank 0 binds it again at once)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    common = {"WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1"}
-    common["MASTER_PORT"] = str(port)
+    # The rendezvous is a file, not a TCP store (which listens on every interface): spawned ranks meet with no
+    # port open to anyone. Rank 0 removes its folder on exit (`Followers.stop`).
+    folder = tempfile.mkdtemp(prefix="trioserve-ranks-")
+    common = {"WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size), STORE_ENV: os.path.join(folder, "store")}
     # The ranks' traffic is pickled Python objects: ranks on one machine talk over loopback only (gloo and
     # NCCL's sockets otherwise bind the address the host name resolves to, which other machines may reach).
     if os.path.exists("/sys/class/net/lo"):
@@ -180,7 +183,7 @@ def spawn_followers(size: int, argv: Sequence[str]) -> Followers:
             )
         )
     logger.info("tensor parallel: spawned ranks 1..%d (pids %s)", size - 1, [p.pid for p in processes])
-    return Followers(processes)
+    return Followers(processes, folder)
 
 
 _stopping = threading.Event()
@@ -203,6 +206,8 @@ def watch_leader() -> None:
         if _stopping.is_set():
             os._exit(0)
         logger.error("rank %s: rank 0 is gone; exiting", os.environ.get("RANK"))
+        if store := os.environ.get(STORE_ENV):  # rank 0, killed, could not remove the rendezvous file
+            shutil.rmtree(os.path.dirname(store), ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="watch-rank-0", daemon=True).start()
@@ -218,7 +223,15 @@ def join(device: torch.device) -> Group:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+    store = os.environ.get(STORE_ENV)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{store}" if store else "env://",
+        rank=rank,
+        world_size=size,
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if backend == "nccl" else None,
+    )
     logger.info("rank %d of %d joined (%s, %s)", rank, size, backend, device)
     return Group(rank, size, local_rank, backend, device)
 
