@@ -35,6 +35,7 @@ from trioserve.model.tinymodel import build_model, build_tokenizer
 PROMPTS = ["the quick brown fox", "hello", "a much longer prompt about servers and tensors and ranks", "zz"]
 TP_ENV = {
     "TENSOR_PARALLEL_SIZE": "2",
+    "HOTLOAD": "false",  # the default: the shards are loaded at startup whatever it says
     "DEVICE": "cpu",
     "TORCH_DTYPE": "float64",
     "MAX_CONCURRENT": "8",
@@ -138,6 +139,8 @@ async def complete_all(url: str) -> list[object]:
 async def test_two_ranks_give_one_process_greedy_tokens_and_release_aborted_streams(
     tp_server: ServerProcess, model_dir: Path
 ) -> None:
+    async with httpx.AsyncClient(base_url=tp_server.url) as client:  # the shards are ready before any request
+        assert (await client.get("/health")).json()["model"] == model_dir.name
     expected = await reference(model_dir)
     got = await complete_all(tp_server.url)
     assert got == expected  # float64: summation order across the shards cannot hide a wrong token

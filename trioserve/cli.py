@@ -85,6 +85,10 @@ async def drain_on_signal(app: TrioserveApp) -> None:
 
 async def serve_forever(settings: Settings, sharded: TensorParallelRunner | None = None) -> int:
     """Serves until SIGTERM/SIGINT (exit code 0), or until the tensor-parallel group ``sharded`` fails (1)."""
+    if sharded is not None:
+        # The shards are loaded already (every rank at once): the engine takes them at startup, so /health
+        # names the model from the start rather than after the first request.
+        settings = settings.model_copy(update={"hotload": True})
     app = build_app(settings, None if sharded is None else lambda: sharded)
     config = hypercorn_config(settings, app.send_limits)
     scheme = "https" if settings.certfile else "http"

@@ -175,8 +175,3 @@ def _digest_values(digest: str, count: int) -> numpy.ndarray:
         block += 1
     values = numpy.frombuffer(stream[: 8 * count], dtype=numpy.uint64) >> numpy.uint64(1)
     return -(values.astype(numpy.int64)) - 1
-
-
-def feature_bytes(features: Mapping[str, Any]) -> int:
-    """The bytes a request's image features take (for logs and limits)."""
-    return sum(v.numel() * v.element_size() for v in features.values() if isinstance(v, torch.Tensor))
